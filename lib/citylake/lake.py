@@ -1,0 +1,209 @@
+"""The lake's edges: where every table lives, and the only place tables are read or written.
+
+A :class:`Lake` binds a SparkSession, the config and the catalogue. Stages ask it for a
+table by name (``lake.read("bronze_readings")``) and hand DataFrames back to it to
+append or merge; transforms in between never touch storage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+from delta.tables import DeltaTable
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from citylake.catalogue import Catalogue, ColumnSpec, TableSpec, load_catalogue
+from citylake.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A file found in the landing area. ``size`` in bytes, ``mtime`` in UTC."""
+
+    path: str
+    size: int
+    mtime: dt.datetime
+
+
+class Lake:
+    """Table access for one lake root."""
+
+    def __init__(self, spark: SparkSession, config: Config, catalogue: Catalogue | None = None):
+        self.spark = spark
+        self.config = config
+        self.catalogue = catalogue or load_catalogue()
+        self.root = config.lake_root
+
+    # -- locations -------------------------------------------------------------------
+    def path(self, table: str) -> str:
+        """Absolute path (or URI) of a Delta table named in ``schemas/tables.yaml``."""
+        return f"{self.root}/{self.catalogue.table(table).path}"
+
+    @property
+    def raw_readings(self) -> str:
+        return f"{self.root}/raw/readings"
+
+    @property
+    def raw_sensors(self) -> str:
+        return f"{self.root}/raw/sensors"
+
+    def sub(self, *parts: str) -> str:
+        """A path under the lake root (for non-table folders such as ``gx``)."""
+        return "/".join([self.root, *parts])
+
+    # -- schema ------------------------------------------------------------------------
+    def spec(self, table: str) -> TableSpec:
+        return self.catalogue.table(table)
+
+    def exists(self, table: str) -> bool:
+        return DeltaTable.isDeltaTable(self.spark, self.path(table))
+
+    def ensure(self, table: str, extra_columns: list[ColumnSpec] | None = None) -> None:
+        """Create the table empty, with its declared schema and partitioning, if missing."""
+        if self.exists(table):
+            return
+        spec = self.spec(table)
+        builder = (
+            DeltaTable.createIfNotExists(self.spark)
+            .location(self.path(table))
+            .addColumns(spec.struct(extra_columns))
+        )
+        if spec.description:
+            builder = builder.comment(spec.description)
+        if spec.partition_by:
+            builder = builder.partitionedBy(*spec.partition_by)
+        builder.execute()
+        log.info("created table %s at %s", table, self.path(table))
+
+    def conform(self, table: str, df: DataFrame, extra_columns: list[ColumnSpec] | None = None) -> DataFrame:
+        """Select and cast ``df`` to the table's declared columns, in order.
+
+        A column the table declares but ``df`` lacks is an error here, not a silent null.
+        """
+        struct = self.spec(table).struct(extra_columns)
+        missing = [f.name for f in struct.fields if f.name not in df.columns]
+        if missing:
+            raise ValueError(f"{table}: DataFrame lacks column(s) {missing}")
+        return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in struct.fields])
+
+    # -- reads ---------------------------------------------------------------------------
+    def read(self, table: str) -> DataFrame:
+        """The current version of a table (created empty first if it does not exist)."""
+        self.ensure(table)
+        return self.spark.read.format("delta").load(self.path(table))
+
+    def delta(self, table: str) -> DeltaTable:
+        self.ensure(table)
+        return DeltaTable.forPath(self.spark, self.path(table))
+
+    # -- writes --------------------------------------------------------------------------
+    def append(
+        self,
+        table: str,
+        df: DataFrame,
+        txn: tuple[str, int] | None = None,
+        extra_columns: list[ColumnSpec] | None = None,
+    ) -> int:
+        """Append ``df`` to ``table``; returns the rows written (from the Delta commit).
+
+        ``txn=(app_id, version)`` makes the append idempotent: Delta skips a write whose
+        app id already committed that version, so a job resumed after a crash cannot
+        append the same batch twice.
+        """
+        self.ensure(table, extra_columns)
+        writer = self.conform(table, df, extra_columns).write.format("delta").mode("append")
+        if txn:
+            writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+        before = self.version(table)
+        writer.save(self.path(table))
+        return self.rows_written_since(table, before)
+
+    def replace_where(self, table: str, df: DataFrame, condition: str,
+                      extra_columns: list[ColumnSpec] | None = None) -> int:
+        """Overwrite exactly the rows matching ``condition`` with ``df`` (atomic)."""
+        self.ensure(table, extra_columns)
+        before = self.version(table)
+        (
+            self.conform(table, df, extra_columns)
+            .write.format("delta")
+            .mode("overwrite")
+            .option("replaceWhere", condition)
+            .save(self.path(table))
+        )
+        return self.rows_written_since(table, before)
+
+    def version(self, table: str) -> int:
+        """Latest committed version of the table (-1 when it does not exist)."""
+        if not self.exists(table):
+            return -1
+        return int(
+            DeltaTable.forPath(self.spark, self.path(table)).history(1).select("version").first()[0]
+        )
+
+    def rows_written_since(self, table: str, version: int) -> int:
+        """Sum of ``numOutputRows`` over the commits after ``version`` (0 if none)."""
+        hist = (
+            DeltaTable.forPath(self.spark, self.path(table))
+            .history(20)
+            .where(F.col("version") > version)
+            .select(F.col("operationMetrics")["numOutputRows"].alias("n"))
+            .collect()
+        )
+        return sum(int(r["n"] or 0) for r in hist)
+
+    # -- landing area ----------------------------------------------------------------------
+    def list_files(self, folder: str) -> list[RawFile]:
+        """Every file below ``folder`` (recursive), through Hadoop's FileSystem, so local
+        paths, HDFS and object stores behave alike. Hidden files (``.`` / ``_``) are skipped.
+        """
+        jvm = self.spark.sparkContext._jvm
+        conf = self.spark.sparkContext._jsc.hadoopConfiguration()
+        path = jvm.org.apache.hadoop.fs.Path(folder)
+        fs = path.getFileSystem(conf)
+        if not fs.exists(path):
+            return []
+        found: list[RawFile] = []
+        iterator = fs.listFiles(path, True)
+        while iterator.hasNext():
+            status = iterator.next()
+            name = status.getPath().getName()
+            if name.startswith((".", "_")):
+                continue
+            found.append(
+                RawFile(
+                    path=status.getPath().toString(),
+                    size=int(status.getLen()),
+                    mtime=dt.datetime.fromtimestamp(status.getModificationTime() / 1000, dt.timezone.utc),
+                )
+            )
+        return sorted(found, key=lambda f: f.path)
+
+    def read_first_line(self, file_path: str) -> str | None:
+        """First line of a text file (decompressing by suffix), or None if it is empty.
+
+        Raises the underlying error when the file cannot be read (e.g. corrupt gzip).
+        """
+        jvm = self.spark.sparkContext._jvm
+        conf = self.spark.sparkContext._jsc.hadoopConfiguration()
+        path = jvm.org.apache.hadoop.fs.Path(file_path)
+        fs = path.getFileSystem(conf)
+        stream = fs.open(path)
+        try:
+            codec = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(conf).getCodec(path)
+            source = codec.createInputStream(stream) if codec is not None else stream
+            reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(source, "UTF-8"))
+            return reader.readLine()
+        finally:
+            stream.close()
+
+
+def in_list(column: str, values: Iterable) -> Column:
+    """``column IN (values)`` as a Column (False for an empty list)."""
+    values = list(values)
+    return F.col(column).isin(values) if values else F.lit(False)
