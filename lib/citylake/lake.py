@@ -109,8 +109,8 @@ class Lake:
         df: DataFrame,
         txn: tuple[str, int] | None = None,
         extra_columns: list[ColumnSpec] | None = None,
-    ) -> int:
-        """Append ``df`` to ``table``; returns the rows written (from the Delta commit).
+    ) -> None:
+        """Append ``df`` to ``table``.
 
         ``txn=(app_id, version)`` makes the append idempotent: Delta skips a write whose
         app id already committed that version, so a job resumed after a crash cannot
@@ -120,8 +120,13 @@ class Lake:
         writer = self.conform(table, df, extra_columns).write.format("delta").mode("append")
         if txn:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
-        before = self.version(table)
         writer.save(self.path(table))
+
+    def overwrite(self, table: str, df: DataFrame) -> int:
+        """Replace the whole content of ``table`` with ``df`` in one commit."""
+        self.ensure(table)
+        before = self.version(table)
+        self.conform(table, df).write.format("delta").mode("overwrite").save(self.path(table))
         return self.rows_written_since(table, before)
 
     def replace_where(self, table: str, df: DataFrame, condition: str,
@@ -184,15 +189,34 @@ class Lake:
             )
         return sorted(found, key=lambda f: f.path)
 
+    def _open(self, file_path: str):
+        jvm = self.spark.sparkContext._jvm
+        conf = self.spark.sparkContext._jsc.hadoopConfiguration()
+        path = jvm.org.apache.hadoop.fs.Path(file_path)
+        return jvm, conf, path, path.getFileSystem(conf)
+
+    def has_parquet_magic(self, file_path: str) -> bool:
+        """True when the file starts and ends with Parquet's ``PAR1`` magic bytes."""
+        jvm, _, path, fs = self._open(file_path)
+        size = fs.getFileStatus(path).getLen()
+        if size < 12:
+            return False
+        stream = fs.open(path)
+        try:
+            # Byte by byte: py4j copies Java byte arrays, so a buffer cannot be filled in place.
+            head = bytes(stream.read() for _ in range(4))
+            stream.seek(size - 4)
+            tail = bytes(stream.read() for _ in range(4))
+        finally:
+            stream.close()
+        return head == b"PAR1" and tail == b"PAR1"
+
     def read_first_line(self, file_path: str) -> str | None:
         """First line of a text file (decompressing by suffix), or None if it is empty.
 
         Raises the underlying error when the file cannot be read (e.g. corrupt gzip).
         """
-        jvm = self.spark.sparkContext._jvm
-        conf = self.spark.sparkContext._jsc.hadoopConfiguration()
-        path = jvm.org.apache.hadoop.fs.Path(file_path)
-        fs = path.getFileSystem(conf)
+        jvm, conf, path, fs = self._open(file_path)
         stream = fs.open(path)
         try:
             codec = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(conf).getCodec(path)

@@ -1,0 +1,434 @@
+"""Ingest stage: raw landing files -> bronze readings, quarantine and the ingest log.
+
+How a run works (and why it is safe to re-run, or to run after a crash):
+
+1. The sensor registry is synced from ``raw/sensors`` (type-2 history).
+2. Planning: files under ``raw/readings`` that no batch has claimed yet are claimed by a
+   new batch in ``ingest_files`` *before* any data is written. Late files for old dates
+   are simply new files. A batch claimed but never logged (the job died) is resumed
+   first, with exactly the same files.
+3. Each data table is appended with Delta's idempotent-write options
+   (``txnAppId``/``txnVersion`` = batch id), so a resumed batch never appends twice.
+4. ``ingest_log`` is written last: a batch is complete iff it has a log row.
+
+For every batch: raw rows = accepted + quarantined + duplicates (exact duplicates in the
+batch, or of readings already in bronze). The stage checks it and fails loudly if not.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from citylake.lake import Lake, RawFile, in_list
+from citylake.transforms import records as R
+from citylake.transforms.registry import invalid_registry_rows, registry_history, registry_rows
+
+log = logging.getLogger(__name__)
+
+TXN_PREFIX = "citylake.ingest"
+
+
+class IngestError(RuntimeError):
+    """Ingest cannot go on; the message says what to fix."""
+
+
+@dataclass
+class BatchReport:
+    """Counts for one ingest batch (rows are raw records)."""
+
+    batch_id: int
+    files: int
+    rejected_files: int
+    raw_rows: int
+    accepted: int
+    quarantined: int
+    duplicates_in_batch: int
+    duplicates_of_lake: int
+    reading_dates: list[dt.date]
+    seconds: float
+    quarantine_by_reason: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def duplicates(self) -> int:
+        return self.duplicates_in_batch + self.duplicates_of_lake
+
+
+@dataclass
+class IngestReport:
+    """What one ``citylake ingest`` run did."""
+
+    sensors_current: int
+    registry_changed: bool
+    batches: list[BatchReport]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        keys = ["files", "rejected_files", "raw_rows", "accepted", "quarantined", "duplicates"]
+        return {k: sum(getattr(b, k) for b in self.batches) for k in keys}
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+# -- sensor registry ------------------------------------------------------------------------
+_FILE_DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
+
+
+def _effective_ts(f: RawFile) -> dt.datetime:
+    """When a registry file takes effect: the date in its name, else its modification time."""
+    match = _FILE_DATE.search(f.path.rsplit("/", 1)[-1])
+    if match:
+        try:
+            return dt.datetime(*map(int, match.groups()), tzinfo=dt.timezone.utc)
+        except ValueError:
+            pass
+    return f.mtime
+
+
+def sync_registry(lake: Lake) -> tuple[int, bool]:
+    """Rebuild the sensors history from every registry file; write it only if it changed.
+
+    Returns (current sensors, changed). Raises :class:`IngestError` naming the file and
+    sensors when a registry file breaks its contract (registries are curated by people:
+    a clear stop beats guessing).
+    """
+    spark = lake.spark
+    required = [f["name"] for f in lake.catalogue.sensor_registry["required_fields"]]
+    files = [f for f in lake.list_files(lake.raw_sensors)]
+    if not files:
+        log.warning("no sensor registry under %s: every reading will be quarantined as unknown_sensor",
+                    lake.raw_sensors)
+        return 0, False
+    parts = []
+    for f in files:
+        if not f.path.lower().endswith((".csv", ".csv.gz")):
+            raise IngestError(f"sensor registry file {f.path} is not CSV (.csv/.csv.gz)")
+        raw = spark.read.option("header", True).option("inferSchema", False).csv(f.path)
+        missing = [c for c in required if c not in raw.columns]
+        if missing:
+            raise IngestError(f"sensor registry file {f.path} lacks column(s) {missing}")
+        parts.append(raw.withColumns({"source_file": F.lit(f.path),
+                                      "effective_ts": F.lit(_effective_ts(f))}))
+    raw_all = parts[0]
+    for p in parts[1:]:
+        raw_all = raw_all.unionByName(p, allowMissingColumns=True)
+    rows = registry_rows(raw_all, required)
+    bad = invalid_registry_rows(rows).select("source_file", "sensor_id", "region", "lat", "lon").collect()
+    if bad:
+        listed = "\n".join(f"  {r['source_file']}: sensor_id={r['sensor_id']!r} region={r['region']!r} "
+                           f"lat={r['lat']} lon={r['lon']}" for r in bad[:20])
+        raise IngestError(f"{len(bad)} invalid sensor registry row(s) (empty id/region or bad lat/lon):\n{listed}")
+    history = registry_history(rows).persist()
+    current = lake.read("sensors")
+    cols = lake.spec("sensors").column_names
+    changed = (history.count() != current.count()
+               or history.select(cols).exceptAll(current.select(cols)).limit(1).count() > 0)
+    if changed:
+        lake.overwrite("sensors", history)
+        log.info("sensor registry updated from %d file(s)", len(files))
+    n_current = history.where("is_current").count()
+    history.unpersist()
+    return n_current, changed
+
+
+# -- planning -------------------------------------------------------------------------------
+def plan_batches(lake: Lake, date: dt.date | None = None) -> list[tuple[int, list[RawFile], bool]]:
+    """Batches to run: unfinished claimed batches first (resume), then one or more new ones.
+
+    ``date`` limits *new* files to the landing folder ``date=YYYY-MM-DD``; without it
+    every folder is scanned, which is what picks up late files for old dates.
+    Returns (batch_id, files, resumed) tuples.
+    """
+    claimed = lake.read("ingest_files").select("batch_id", "file_path", "file_size", "file_mtime").collect()
+    logged = {r["batch_id"] for r in lake.read("ingest_log").select("batch_id").collect()}
+    plans: list[tuple[int, list[RawFile], bool]] = []
+    unfinished: dict[int, list[RawFile]] = {}
+    for r in claimed:
+        if r["batch_id"] not in logged:
+            mtime = r["file_mtime"].replace(tzinfo=dt.timezone.utc) if r["file_mtime"] else None
+            unfinished.setdefault(r["batch_id"], []).append(RawFile(r["file_path"], r["file_size"], mtime))
+    for batch_id in sorted(unfinished):
+        plans.append((batch_id, sorted(unfinished[batch_id], key=lambda f: f.path), True))
+
+    folder = lake.raw_readings + (f"/date={date.isoformat()}" if date else "")
+    seen = {r["file_path"]: r for r in claimed}
+    new_files = []
+    for f in lake.list_files(folder):
+        old = seen.get(f.path)
+        if old is None:
+            new_files.append(f)
+        elif old["file_size"] != f.size:
+            log.warning("%s changed size after it was ingested (batch %s); it is not re-ingested: "
+                        "land corrections as new files", f.path, old["batch_id"])
+    next_id = max([0] + [r["batch_id"] for r in claimed]) + 1
+    step = lake.config.ingest.max_files_per_batch
+    for i in range(0, len(new_files), step):
+        plans.append((next_id, new_files[i:i + step], False))
+        next_id += 1
+    return plans
+
+
+def claim_files(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime) -> None:
+    """Record that ``batch_id`` owns ``files`` (idempotent per batch)."""
+    rows = [(batch_id, f.path, f.size, f.mtime, now) for f in files]
+    df = lake.spark.createDataFrame(
+        rows, "batch_id long, file_path string, file_size long, file_mtime timestamp, planned_ts timestamp"
+    )
+    lake.append("ingest_files", df, txn=(f"{TXN_PREFIX}.files", batch_id))
+
+
+# -- reading files --------------------------------------------------------------------------
+@dataclass
+class _FileGroups:
+    csv: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    #: The exact header lines seen per CSV header shape (quoting and BOM as in the file).
+    csv_header_lines: dict[tuple[str, ...], set[str]] = field(default_factory=dict)
+    json: list[str] = field(default_factory=list)
+    parquet: dict[str, list[str]] = field(default_factory=dict)
+    rejected: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line reason from a (possibly Java) exception: its message and root cause."""
+    lines = [ln.strip().lstrip(": ").strip() for ln in str(exc).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("An error occurred while calling", "at "))]
+    head = lines[0] if lines else type(exc).__name__
+    causes = [ln[len("Caused by: "):] for ln in lines if ln.startswith("Caused by: ")]
+    return (head + (f" (cause: {causes[-1]})" if causes else ""))[:500]
+
+
+def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
+    """Sort files by format and header/schema; reject what cannot be read at all."""
+    groups = _FileGroups()
+    required = lake.catalogue.required_fields
+    for f in files:
+        fmt = lake.catalogue.format_of(f.path)
+        if fmt is None:
+            groups.rejected[f.path] = ("unsupported_format", "suffix not in schemas/raw_reading.yaml formats")
+        elif fmt == "parquet":
+            # Magic bytes first: cheap, and spares the log a Spark stack trace per bad file.
+            if not lake.has_parquet_magic(f.path):
+                groups.rejected[f.path] = ("unreadable_file", "not a Parquet file (no PAR1 magic at both ends)")
+                continue
+            try:
+                schema = lake.spark.read.parquet(f.path).schema
+            except Exception as exc:  # noqa: BLE001 - any read failure means "not Parquet"
+                groups.rejected[f.path] = ("unreadable_file", _short(exc))
+                continue
+            missing = [c for c in required if c not in schema.fieldNames()]
+            if missing:
+                groups.rejected[f.path] = ("missing_required_columns", f"missing {missing}")
+            else:
+                groups.parquet.setdefault(schema.json(), []).append(f.path)
+        else:
+            try:
+                first = lake.read_first_line(f.path)
+            except Exception as exc:  # noqa: BLE001 - corrupt compression, permissions...
+                groups.rejected[f.path] = ("unreadable_file", _short(exc))
+                continue
+            if "\x00" in (first or ""):
+                groups.rejected[f.path] = ("unreadable_file", "binary content in a text format")
+            elif fmt == "json":
+                groups.json.append(f.path)
+            elif not first or not first.strip():
+                groups.rejected[f.path] = ("empty_file", "no CSV header line")
+            else:
+                header = tuple(h.strip() for h in next(csv.reader([first.lstrip("\ufeff")])))
+                missing = [c for c in required if c not in header]
+                if missing:
+                    groups.rejected[f.path] = ("missing_required_columns", f"header lacks {missing}")
+                else:
+                    groups.csv.setdefault(header, []).append(f.path)
+                    groups.csv_header_lines.setdefault(header, set()).add(first)
+    return groups
+
+
+def _text_lines(lake: Lake, paths: list[str], fmt: str) -> DataFrame:
+    lines = lake.spark.read.text(paths).select(
+        F.col("_metadata.file_path").alias("source_file"),
+        F.lit(fmt).alias("source_format"),
+        F.col("value").alias("raw_record"),
+    )
+    # Blank lines are not records (trailing newlines, editors); they are not counted.
+    return lines.where(F.trim("raw_record") != "")
+
+
+def _records(lake: Lake, groups: _FileGroups) -> DataFrame | None:
+    """All records of the readable files, in the common record shape."""
+    parts: list[DataFrame] = []
+    for header, paths in groups.csv.items():
+        lines = _text_lines(lake, paths, "csv")
+        # The header is the first line of each file; a line equal to it is not a record.
+        lines = lines.where(~F.col("raw_record").isin(sorted(groups.csv_header_lines[header])))
+        parts.append(R.csv_records(lines, list(header)))
+    if groups.json:
+        parts.append(R.json_records(_text_lines(lake, groups.json, "json")))
+    for paths in groups.parquet.values():
+        rows = lake.spark.read.parquet(*paths).withColumn("__file", F.col("_metadata.file_path"))
+        parts.append(R.parquet_records(rows, "__file"))
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
+    """After a read failed mid-job, find the files that cannot be read in full.
+
+    Only compressed text and Parquet files can fail this way (a truncated gzip is only
+    noticed at its end), so only those are re-read one by one. Returns how many were
+    moved to ``groups.rejected``.
+    """
+    suspects = [p for paths in groups.csv.values() for p in paths if p.endswith(".gz")]
+    suspects += [p for p in groups.json if p.endswith(".gz")]
+    suspects += [p for paths in groups.parquet.values() for p in paths]
+    found = 0
+    for path in suspects:
+        try:
+            reader = lake.spark.read.parquet if path.endswith(".parquet") else lake.spark.read.text
+            reader(path).count()
+        except Exception as exc:  # noqa: BLE001 - the point is to catch the read failure
+            groups.rejected[path] = ("unreadable_file", _short(exc))
+            found += 1
+    for header in list(groups.csv):
+        groups.csv[header] = [p for p in groups.csv[header] if p not in groups.rejected]
+        if not groups.csv[header]:
+            del groups.csv[header]
+    groups.json = [p for p in groups.json if p not in groups.rejected]
+    for key in list(groups.parquet):
+        groups.parquet[key] = [p for p in groups.parquet[key] if p not in groups.rejected]
+        if not groups.parquet[key]:
+            del groups.parquet[key]
+    return found
+
+
+def _typed_records(lake: Lake, groups: _FileGroups, now: dt.datetime) -> tuple[DataFrame | None, dict]:
+    """Parse and check every record, cached; returns (typed, per-reason counts incl. totals)."""
+    known = lake.read("sensors").select("sensor_id")
+    for attempt in (1, 2):
+        records = _records(lake, groups)
+        if records is None:
+            return None, {"raw_rows": 0}
+        typed = R.type_records(records, lake.catalogue, known, now).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = typed.groupBy("quarantine_reason").count().collect()
+        except Exception:
+            typed.unpersist()
+            if attempt == 2 or _isolate_unreadable(lake, groups) == 0:
+                raise
+            log.warning("some files failed mid-read; rejected them and re-reading the batch")
+            continue
+        by_reason = {r["quarantine_reason"]: int(r["count"]) for r in counts}
+        summary = {"raw_rows": sum(by_reason.values())}
+        summary.update({k: v for k, v in by_reason.items() if k is not None})
+        return typed, summary
+    raise AssertionError("unreachable")
+
+
+def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime | None = None) -> BatchReport:
+    """Ingest one claimed batch of files; safe to call again for the same batch."""
+    started = time.monotonic()
+    now = now or utc_now()
+    groups = _classify(lake, files)
+    typed, summary = _typed_records(lake, groups, now)
+    raw_rows = summary.pop("raw_rows")
+    quarantined = sum(summary.values())
+
+    dup_in_batch = dup_of_lake = accepted = 0
+    reading_dates: list[dt.date] = []
+    if typed is not None:
+        lake.append("quarantine", R.quarantine_rows(typed, batch_id, now), txn=(f"{TXN_PREFIX}.quarantine", batch_id))
+        unique = R.collapse_exact_duplicates(typed).persist(StorageLevel.MEMORY_AND_DISK)
+        reading_dates = sorted(r[0] for r in unique.select("reading_date").distinct().collect())
+        bronze = lake.read("bronze_readings")
+        # Same-batch rows are excluded so a resumed batch does not count itself as a duplicate.
+        existing = bronze.where(in_list("reading_date", reading_dates) & (F.col("batch_id") != batch_id))
+        flagged = R.flag_lake_duplicates(unique, existing).persist(StorageLevel.MEMORY_AND_DISK)
+        agg = flagged.agg(
+            F.sum(F.col("copies") - 1).alias("dup_in_batch"),
+            F.sum(F.col("in_lake").cast("long")).alias("dup_of_lake"),
+            F.sum((~F.col("in_lake")).cast("long")).alias("accepted"),
+        ).first()
+        dup_in_batch = int(agg["dup_in_batch"] or 0)
+        dup_of_lake = int(agg["dup_of_lake"] or 0)
+        accepted = int(agg["accepted"] or 0)
+        lake.append("bronze_readings", R.bronze_rows(flagged, batch_id, now), txn=(f"{TXN_PREFIX}.bronze", batch_id))
+        for df in (flagged, unique, typed):
+            df.unpersist()
+
+    if raw_rows != accepted + quarantined + dup_in_batch + dup_of_lake:
+        raise IngestError(
+            f"batch {batch_id}: accounting broken: raw {raw_rows} != accepted {accepted} + "
+            f"quarantined {quarantined} + duplicates {dup_in_batch + dup_of_lake}"
+        )
+    if groups.rejected:
+        rejected = lake.spark.createDataFrame(
+            [(batch_id, p, reason, detail, now) for p, (reason, detail) in sorted(groups.rejected.items())],
+            "batch_id long, file_path string, reject_reason string, reject_detail string, ingest_ts timestamp",
+        )
+        lake.append("ingest_rejected_files", rejected, txn=(f"{TXN_PREFIX}.rejected", batch_id))
+    report = BatchReport(
+        batch_id=batch_id,
+        files=len(files),
+        rejected_files=len(groups.rejected),
+        raw_rows=raw_rows,
+        accepted=accepted,
+        quarantined=quarantined,
+        duplicates_in_batch=dup_in_batch,
+        duplicates_of_lake=dup_of_lake,
+        reading_dates=reading_dates,
+        seconds=time.monotonic() - started,
+        quarantine_by_reason=dict(sorted(summary.items())),
+        rejected={p: r for p, (r, _) in groups.rejected.items()},
+    )
+    _log_batch(lake, report, now)
+    return report
+
+
+def _log_batch(lake: Lake, report: BatchReport, started: dt.datetime) -> None:
+    row = (
+        report.batch_id, started, utc_now(), report.files, report.rejected_files, report.raw_rows,
+        report.accepted, report.quarantined, report.duplicates, report.duplicates_in_batch,
+        report.duplicates_of_lake, report.reading_dates,
+    )
+    df = lake.spark.createDataFrame([row], lake.spec("ingest_log").struct())
+    lake.append("ingest_log", df, txn=(f"{TXN_PREFIX}.log", report.batch_id))
+
+
+def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None = None) -> IngestReport:
+    """Sync the registry, then ingest every unclaimed raw file (and resume unfinished batches).
+
+    ``date`` restricts new files to that landing folder. ``now`` (UTC) is the ingest time
+    used for lineage and the future-timestamp bound; default: the wall clock.
+    """
+    n_sensors, changed = sync_registry(lake)
+    plans = plan_batches(lake, date)
+    if not plans:
+        log.info("nothing to ingest: every landed file is already in a batch")
+    reports = []
+    for batch_id, files, resumed in plans:
+        batch_now = now or utc_now()
+        log.info("%s batch %d: %d file(s)", "resuming" if resumed else "ingesting", batch_id, len(files))
+        if not resumed:
+            claim_files(lake, batch_id, files, batch_now)
+        report = ingest_batch(lake, batch_id, files, batch_now)
+        log.info(
+            "batch %d: raw %d = accepted %d + quarantined %d + duplicates %d; %d file(s) rejected (%.1fs)",
+            batch_id, report.raw_rows, report.accepted, report.quarantined, report.duplicates,
+            report.rejected_files, report.seconds,
+        )
+        reports.append(report)
+    return IngestReport(sensors_current=n_sensors, registry_changed=changed, batches=reports)
