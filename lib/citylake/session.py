@@ -60,6 +60,9 @@ def spark_conf(config: Config) -> dict[str, str]:
         conf["spark.jars.packages"] = ",".join(sc.packages)
     if sc.driver_memory:
         conf["spark.driver.memory"] = sc.driver_memory
+    log4j = Path(config.project_root) / "conf" / "log4j2.properties"
+    if log4j.is_file():
+        conf["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile=file:{log4j.resolve()}"
     conf.update(sc.conf)
     return conf
 

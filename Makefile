@@ -1,0 +1,50 @@
+# citylake: the two commands are `make demo` and `make test` (both set everything up).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+JARS   := .jars
+DELTA_VERSION := 4.4.0
+DELTA_ARTIFACTS := io.delta:delta-spark_4.2_2.13:$(DELTA_VERSION) io.delta:delta-storage:$(DELTA_VERSION)
+export PYSPARK_PYTHON := $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+
+.PHONY: help setup venv jars demo test test-fast bench clean-lake clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed  ## create the virtual environment and install citylake
+
+$(JARS)/.fetched:
+	mkdir -p $(JARS)
+	for a in $(DELTA_ARTIFACTS); do \
+	  mvn -q -B dependency:copy -Dartifact=$$a -DoutputDirectory=$(JARS) || exit 1; done
+	touch $@
+
+jars: $(JARS)/.fetched  ## fetch the Delta jars with Maven into .jars/
+
+setup: venv jars  ## everything the pipeline and the tests need
+
+demo: setup  ## generate a sample city and run every stage on local[2]
+	$(VENV)/bin/citylake demo
+
+test: setup  ## run the whole test suite
+	$(VENV)/bin/pytest
+
+test-fast: setup  ## unit tests only (no integration)
+	$(VENV)/bin/pytest -m "not integration"
+
+bench: setup  ## ingest benchmark (figures go to bench/RESULTS.md by hand)
+	$(PY) bench/ingest_bench.py
+
+clean-lake:  ## delete the local lake and MLflow store
+	rm -rf lake mlruns.db mlartifacts
+
+clean: clean-lake  ## also delete the venv and jars
+	rm -rf $(VENV) $(JARS)
