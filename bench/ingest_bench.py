@@ -1,0 +1,136 @@
+"""Ingest benchmark: citylake raw -> bronze vs a plain Spark CSV -> Parquet copy.
+
+    .venv/bin/python bench/ingest_bench.py [--readings 3000000] [--days 30]
+
+In one process and one Spark session (local[2] by default, from conf/local.yaml):
+
+1. writes N clean readings as CSV landing files, one folder per day (``--days``);
+2. (b) plain: ``spark.read.csv(all files).write.parquet`` - the floor for reading and
+   writing the same data, no checks, no Delta, no lineage;
+3. (a) citylake: ``run_ingest`` of the same files into an empty lake (one batch);
+4. day-30 test on a second lake: ingest day 1 alone, then days 2..29, then day 30 alone,
+   and compare the day-30 batch time with day 1's.
+
+Prints readings/s for (a) and (b), the ratio a/b (target >= 0.75) and day30/day1
+(target <= 1.2). Record the output in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lib"))
+
+from citylake.config import load_config  # noqa: E402
+from citylake.lake import Lake  # noqa: E402
+from citylake.session import build_spark  # noqa: E402
+from citylake.stages.ingest import run_ingest  # noqa: E402
+
+START = dt.date(2026, 1, 1)
+
+
+def write_landing(root: Path, readings: int, days: int, seed: int = 7) -> int:
+    """Clean 5-minute traffic readings spread evenly over ``days``; returns rows written."""
+    rng = np.random.default_rng(seed)
+    per_day = readings // days
+    sensors = max(1, per_day // 288)
+    (root / "raw" / "sensors").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"sensor_id": [f"bench-{i:05d}" for i in range(sensors)], "region": "bench",
+                  "lat": 0.0, "lon": 0.0}).to_csv(root / "raw" / "sensors" / "sensors_20260101.csv", index=False)
+    total = 0
+    for d in range(days):
+        day = START + dt.timedelta(days=d)
+        steps = pd.date_range(pd.Timestamp(day), periods=288, freq="5min")
+        sid = np.repeat([f"bench-{i:05d}" for i in range(sensors)], 288)[:per_day]
+        ts = np.tile(steps.strftime("%Y-%m-%dT%H:%M:%SZ"), sensors)[:per_day]
+        frame = pd.DataFrame({"sensor_id": sid, "ts": ts, "metric": "traffic_flow",
+                              "value": rng.integers(0, 200, size=len(sid)).astype(float)})
+        folder = root / "raw" / "readings" / f"date={day.isoformat()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Several files per day, as loggers upload in chunks.
+        for i, part in enumerate(np.array_split(frame, 4)):
+            part.to_csv(folder / f"part-{i}.csv", index=False)
+        total += len(frame)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readings", type=int, default=3_000_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="citylake-bench-"))
+    lake_a, lake_c = work / "lake_a", work / "lake_c"
+    t = time.monotonic()
+    n = write_landing(lake_a, args.readings, args.days)
+    shutil.copytree(lake_a / "raw", lake_c / "raw")
+    print(f"landing: {n:,} readings in {args.days} day folders ({time.monotonic() - t:.1f}s to write)")
+
+    config = load_config(env="local", conf_dir=ROOT / "conf", overrides={"lake": {"root": str(lake_a)}})
+    spark = build_spark(config)
+    files = sorted(str(p) for p in (lake_a / "raw" / "readings").rglob("*.csv"))
+
+    # Warm-up: JVM, Delta classes, codegen, on a copy of one file.
+    warm = work / "warm"
+    (warm / "raw").mkdir(parents=True)
+    shutil.copytree(lake_a / "raw" / "sensors", warm / "raw" / "sensors")
+    (warm / "raw" / "readings" / "date=2026-01-01").mkdir(parents=True)
+    shutil.copy(files[0], warm / "raw" / "readings" / "date=2026-01-01" / "w.csv")
+    run_ingest(Lake(spark, load_config(env="local", conf_dir=ROOT / "conf", overrides={"lake": {"root": str(warm)}})))
+    spark.read.option("header", True).csv(files[0]).write.mode("overwrite").parquet(str(work / "warm.parquet"))
+
+    t = time.monotonic()
+    schema = "sensor_id string, ts string, metric string, value double"
+    spark.read.option("header", True).schema(schema).csv(files).write.mode("overwrite").parquet(str(work / "plain"))
+    plain_s = time.monotonic() - t
+
+    t = time.monotonic()
+    report = run_ingest(Lake(spark, config))
+    citylake_s = time.monotonic() - t
+    batch = report.batches[0]
+    assert batch.raw_rows == n and batch.accepted == n, batch
+
+    # Day 30 into a lake holding 29 days.
+    lake = Lake(spark, load_config(env="local", conf_dir=ROOT / "conf", overrides={"lake": {"root": str(lake_c)}}))
+    days = [START + dt.timedelta(days=d) for d in range(args.days)]
+    last_folder = f"date={days[-1].isoformat()}"
+    held_back = work / last_folder
+    shutil.move(str(lake_c / "raw" / "readings" / last_folder), held_back)
+    t = time.monotonic()
+    run_ingest(lake, date=days[0])
+    day1_s = time.monotonic() - t
+    run_ingest(lake)  # days 2 .. N-1 in one batch
+    shutil.move(str(held_back), lake_c / "raw" / "readings" / last_folder)
+    t = time.monotonic()
+    last = run_ingest(lake)
+    dayn_s = time.monotonic() - t
+    assert last.batches[0].accepted == n // args.days, last
+
+    rate_a, rate_b = n / citylake_s, n / plain_s
+    print(f"(b) plain Spark CSV -> Parquet : {plain_s:7.1f}s  {rate_b:12,.0f} readings/s")
+    print(f"(a) citylake ingest -> bronze  : {citylake_s:7.1f}s  {rate_a:12,.0f} readings/s")
+    print(f"ratio a/b (readings/s)         : {rate_a / rate_b:.2f}   (target >= 0.75)")
+    print(f"day 1 into an empty lake       : {day1_s:7.1f}s")
+    print(f"day {args.days} into a lake of {args.days - 1} days   : {dayn_s:7.1f}s")
+    print(f"ratio day{args.days}/day1               : {dayn_s / day1_s:.2f}   (target <= 1.2)")
+    spark.stop()
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
