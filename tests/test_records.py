@@ -122,3 +122,10 @@ def test_exact_duplicates_collapse_and_lake_duplicates_are_flagged(spark, catalo
                                       ("a.gz", None)])
 def test_format_by_suffix(catalogue, name, fmt):
     assert catalogue.format_of(name) == fmt
+
+
+def test_json_non_finite_tokens(spark, catalogue):
+    lines = ['{"sensor_id": "s2", "ts": "2026-01-05T08:00:00Z", "metric": "pm25", "value": %s}' % v
+             for v in ("NaN", "Infinity", "-Infinity")]
+    typed = _typed(spark, catalogue, lines, fmt="json")
+    assert [r["quarantine_reason"] for r in typed.collect()] == ["non_finite_value"] * 3

@@ -140,7 +140,8 @@ def type_records(
     )
     ts_ok_shape = F.col("ts_raw").rlike(ISO_WITH_ZONE)
     ts = F.when(ts_ok_shape, F.try_to_timestamp(F.regexp_replace("ts_raw", " ", "T")))
-    value = F.col("value_raw").try_cast("double")
+    # JSON's bare NaN/Infinity tokens arrive quoted from from_json; unquote before the cast.
+    value = F.regexp_replace("value_raw", r'^"(.*)"$', "$1").try_cast("double")
     extra = F.map_filter("fields", lambda k, v: ~k.isin(required))
     df = df.withColumns(
         {
