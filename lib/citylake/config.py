@@ -105,6 +105,37 @@ class GenerateConfig:
 
 
 @dataclass
+class ForecastConfig:
+    """Forecasting (train / backtest / forecast). Horizons and orders are in grid steps."""
+
+    #: AR order when ``ar_candidates`` is empty.
+    ar_order: int = 12
+    #: Candidate orders chosen per series by ``ar_criterion`` on one estimation sample.
+    ar_candidates: list[int] = field(default_factory=list)
+    ar_criterion: str = "bic"
+    horizon: int = 24
+    #: Nominal coverage of every interval (AR analytic, others split-conformal).
+    interval_level: float = 0.9
+    #: "auto" | "local" | "spark-ml"; auto routes each region by its training rows.
+    gbt_engine: str = "auto"
+    #: Regions with at least this many training rows go to Spark ML (see bench/RESULTS_GBT.md).
+    gbt_spark_min_rows: int = 5_000_000
+    gbt_trees: int = 200
+    gbt_max_depth: int = 6
+    gbt_learning_rate: float = 0.05
+    #: Regions trained at once by the spark-ml engine (threads submitting Spark jobs).
+    gbt_parallelism: int = 2
+    #: Origins per series kept for GBT training rows (every k-th grid step).
+    gbt_origin_stride: int = 1
+    #: Backtest origins: every k-th grid step after the cutoff.
+    backtest_stride: int = 1
+    #: Seasonal naive season: "day", "week" or "auto".
+    season: str = "auto"
+    #: Metrics to model (empty: every metric in gold).
+    metrics: list[str] = field(default_factory=list)
+
+
+@dataclass
 class MlflowConfig:
     """MLflow tracking (used by the forecasting stages)."""
 
@@ -126,6 +157,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def resolve(self, path: str) -> str:
