@@ -69,6 +69,11 @@ class Lake:
         if self.exists(table):
             return
         spec = self.spec(table)
+        if spec.dynamic_columns and extra_columns is None:
+            # Created from config so a read before the features stage gets the real shape.
+            from citylake.transforms.features import feature_columns
+
+            extra_columns = feature_columns(self.config.features.lags, self.config.features.windows, self.catalogue)
         builder = (
             DeltaTable.createIfNotExists(self.spark)
             .location(self.path(table))
