@@ -24,6 +24,7 @@ def land(lake: Lake, date: str, name: str, text: str | bytes) -> Path:
     folder = Path(lake.root) / "raw" / "readings" / f"date={date}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, bytes):
         path.write_bytes(text)
     else:
@@ -126,7 +127,7 @@ def test_crash_after_bronze_write_is_resumed_without_double_rows(lake: Lake, mon
     # A new file landed meanwhile goes to a new batch; the dead batch is resumed as is.
     land(lake, "2026-01-05", "b.csv", HEADER + readings(3, sensor="s2"))
     plans = plan_batches(lake)
-    assert [(b, len(files), resumed) for b, files, resumed in plans] == [(1, 1, True), (2, 1, False)]
+    assert [(p.batch_id, len(p.files), p.resumed) for p in plans] == [(1, 1, True), (2, 1, False)]
     report = run_ingest(lake, now=NOW)
     first = report.batches[0]
     assert (first.batch_id, first.raw_rows, first.accepted, first.duplicates) == (1, 14, 12, 2)
@@ -138,8 +139,8 @@ def test_crash_after_bronze_write_is_resumed_without_double_rows(lake: Lake, mon
 def test_claimed_batch_that_died_before_any_data_is_resumed(lake: Lake):
     registry(lake)
     land(lake, "2026-01-05", "a.csv", HEADER + readings(5))
-    (batch_id, files, _), = plan_batches(lake)
-    claim_files(lake, batch_id, files, NOW)
+    (plan,) = plan_batches(lake)
+    claim_files(lake, plan.batch_id, plan.files, NOW, lake.version("sensors"))
     report = run_ingest(lake, now=NOW)
     assert [(b.batch_id, b.accepted) for b in report.batches] == [(1, 5)]
 
@@ -162,3 +163,34 @@ def test_bad_registry_row_is_a_clear_error(lake: Lake):
     registry(lake, rows="s1,north,52.1,4.3\ns2,,52.0,4.4\n")
     with pytest.raises(IngestError, match="s2"):
         run_ingest(lake, now=NOW)
+
+
+def test_resumed_batch_is_judged_as_at_its_claim(lake: Lake, monkeypatch):
+    """A reading just inside 'now + 1 day' at the first attempt stays quarantined on resume,
+    however late the resume runs: it must not end up in both quarantine and bronze."""
+    registry(lake)
+    land(lake, "2026-01-05", "a.csv", HEADER + "s1,2026-01-11T00:30:00Z,traffic_flow,5\n" + readings(3))
+    import citylake.stages.ingest as ingest
+
+    monkeypatch.setattr(ingest, "_log_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        run_ingest(lake, now=NOW)
+    monkeypatch.undo()
+    later = NOW + dt.timedelta(days=2)  # the future reading would now be in range
+    (batch,) = run_ingest(lake, now=later).batches
+    assert (batch.accepted, batch.quarantined) == (3, 1)
+    assert lake.read("bronze_readings").count() == 3
+    assert lake.read("quarantine").count() == 1
+
+
+def test_odd_files_do_not_block_the_batch(lake: Lake):
+    registry(lake)
+    land(lake, "2026-01-05", "dup_header.csv", "sensor_id,ts,metric,value,note,note\ns1,2026-01-05T00:00:00Z,pm25,1,a,b\n")
+    pd.DataFrame({"sensor_id": ["s1"], "ts": ["2026-01-05T01:00:00Z"], "metric": ["pm25"], "value": [2.0],
+                  "pm2.5": [2.0]}).to_parquet(land(lake, "2026-01-05", "dotted.parquet", b""))
+    land(lake, "2026-01-05", "_temporary/0/part-0.csv", HEADER + readings(2))  # a writer's scratch
+    (batch,) = run_ingest(lake, now=NOW).batches
+    assert {Path(k).name: v for k, v in batch.rejected.items()} == {"dup_header.csv": "bad_header"}
+    assert (batch.files, batch.raw_rows, batch.accepted) == (2, 1, 1)
+    extra = lake.read("bronze_readings").first()["extra_json"]
+    assert extra == '{"pm2.5":"2.0"}'

@@ -48,6 +48,14 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors", **flag)
 
 
+def _timestamp(text: str) -> dt.datetime:
+    try:
+        ts = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="citylake",
@@ -83,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                        ("features", "silver -> gold features and region-hourly aggregates")):
         p = sub.add_parser(name, help=text, parents=[common])
         p.add_argument("--date", type=_date, help="recompute this UTC date (default: dates with new data)")
+
+    tr = sub.add_parser("train", help="fit AR per series and GBT per region on gold features", parents=[common])
+    tr.add_argument("--cutoff", type=_timestamp, help="train on data up to this UTC time (default: all)")
+
+    bt = sub.add_parser("backtest", help="train up to a cutoff, forecast every origin after it, score, pick champions",
+                        parents=[common])
+    bt.add_argument("--cutoff", type=_timestamp, required=True, help="UTC time training data ends (ISO-8601)")
+    bt.add_argument("--horizon", type=int, help="steps ahead (default: config forecast.horizon)")
+    bt.add_argument("--stride", type=int, help="forecast from every K-th grid step after the cutoff (default 1)")
+
+    fo = sub.add_parser("forecast", help="serve forecasts from each region's champion", parents=[common])
+    fo.add_argument("--horizon", type=int, help="steps ahead (default: config forecast.horizon)")
+    fo.add_argument("--model", choices=["ar", "gbt", "persistence", "seasonal_naive"],
+                    help="use this model family instead of the champions")
 
     run = sub.add_parser("run", help="ingest, validate, clean, validate, features, validate", parents=[common])
     run.add_argument("--date", type=_date, help="restrict every stage to this date")
@@ -133,7 +155,14 @@ def _print_stage(name: str, report: Any) -> None:
             _say(f"        Data Docs: {report.data_docs_path}")
         return
     summary = getattr(report, "summary", None)
-    _say(f"[{name}] {summary() if callable(summary) else report}")
+    if callable(summary):
+        _say(f"[{name}] {summary()}")
+        return
+    fields = dict(vars(report))
+    dates = fields.pop("dates", None)
+    text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items() if not isinstance(v, (list, dict)))
+    span = f"dates {dates[0]}..{dates[-1]} ({len(dates)}): " if dates else "no dates to process: "
+    _say(f"[{name}] {span}{text}")
 
 
 def _status(lake) -> None:
@@ -189,6 +218,16 @@ def _dispatch(args: argparse.Namespace, config) -> int:
         _print_stage("clean", pipeline.clean_stage(lake, date))
     elif args.command == "features":
         _print_stage("features", pipeline.features_stage(lake, date))
+    elif args.command in ("train", "backtest", "forecast"):
+        from citylake.stages import forecasting
+
+        if args.command == "train":
+            result = forecasting.run_train(lake, cutoff=args.cutoff)
+        elif args.command == "backtest":
+            result = forecasting.run_backtest(lake, args.cutoff, horizon=args.horizon, stride=args.stride)
+        else:
+            result = forecasting.run_forecast(lake, horizon=args.horizon, model=args.model)
+        _print_stage(args.command, result)
     elif args.command in ("run", "demo"):
         if args.command == "demo" and not _lake_has_landing(lake):
             if args.days:
@@ -209,7 +248,7 @@ def _generate(args: argparse.Namespace, config, catalogue) -> int:
             setattr(cfg, key, getattr(args, key))
     report = generate_city(config.lake_root, cfg, catalogue, start_date=getattr(args, "start_date", None))
     _say(f"[generate] sample city in {config.lake_root}/raw: {report.files} files, {report.raw_rows} readings, "
-         f"{report.sensors} sensors, {report.dates} days")
+         f"{report.sensors} sensors, {len(report.dates)} days from {report.dates[0]}")
     return EXIT_OK
 
 
@@ -234,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_failure(exc: Exception, debug: bool) -> int:
-    from citylake.stages.ingest import IngestError
+    from citylake.config import ConfigError
+    from citylake.errors import CitylakeError
 
     try:
         from citylake.stages.validate import ValidationFailed
@@ -243,7 +283,7 @@ def _report_failure(exc: Exception, debug: bool) -> int:
     if isinstance(exc, ValidationFailed):
         log.error("%s", exc)
         return EXIT_VALIDATION
-    if isinstance(exc, (IngestError, FileNotFoundError, ValueError)):
+    if isinstance(exc, (CitylakeError, ConfigError, FileNotFoundError)):
         log.error("%s", exc)
         if debug:
             log.exception("traceback")

@@ -55,6 +55,9 @@ class IngestConfig:
 
     #: Files per batch at most; more new files are split over several batches.
     max_files_per_batch: int = 5000
+    #: Files modified less than this many seconds ago are left for the next run (they
+    #: may still be being written). 0 for local use; set it on shared landing areas.
+    min_file_age_s: float = 0.0
 
 
 @dataclass

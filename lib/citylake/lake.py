@@ -131,7 +131,9 @@ class Lake:
         """Replace the whole content of ``table`` with ``df`` in one commit."""
         self.ensure(table)
         before = self.version(table)
-        self.conform(table, df).write.format("delta").mode("overwrite").save(self.path(table))
+        (self.conform(table, df).write.format("delta").mode("overwrite")
+         # static: the whole table, even partitions absent from df (session default is dynamic)
+         .option("partitionOverwriteMode", "static").save(self.path(table)))
         return self.rows_written_since(table, before)
 
     def replace_where(self, table: str, df: DataFrame, condition: str,
@@ -168,9 +170,11 @@ class Lake:
         return sum(int(r["n"] or 0) for r in hist)
 
     # -- landing area ----------------------------------------------------------------------
-    def list_files(self, folder: str) -> list[RawFile]:
+    def list_files(self, folder: str, min_age_s: float = 0.0) -> list[RawFile]:
         """Every file below ``folder`` (recursive), through Hadoop's FileSystem, so local
-        paths, HDFS and object stores behave alike. Hidden files (``.`` / ``_``) are skipped.
+        paths, HDFS and object stores behave alike. Hidden files and anything under a
+        hidden folder (``.`` / ``_``, e.g. a writer's ``_temporary``) are skipped, and so
+        are files modified less than ``min_age_s`` seconds ago (still being written).
         """
         jvm = self.spark.sparkContext._jvm
         conf = self.spark.sparkContext._jsc.hadoopConfiguration()
@@ -179,11 +183,15 @@ class Lake:
         if not fs.exists(path):
             return []
         found: list[RawFile] = []
+        base = path.makeQualified(fs.getUri(), fs.getWorkingDirectory()).toString().rstrip("/")
+        newest_ms = (dt.datetime.now(dt.timezone.utc).timestamp() - min_age_s) * 1000
         iterator = fs.listFiles(path, True)
         while iterator.hasNext():
             status = iterator.next()
-            name = status.getPath().getName()
-            if name.startswith((".", "_")):
+            relative = status.getPath().toString()[len(base):].strip("/")
+            if any(part.startswith((".", "_")) for part in relative.split("/")):
+                continue
+            if min_age_s and status.getModificationTime() > newest_ms:
                 continue
             found.append(
                 RawFile(

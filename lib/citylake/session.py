@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -64,6 +65,7 @@ def spark_conf(config: Config) -> dict[str, str]:
     if log4j.is_file():
         conf["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile=file:{log4j.resolve()}"
     conf.update(sc.conf)
+    conf["spark.sql.session.timeZone"] = "UTC"  # reading_date and grids are UTC by contract
     return conf
 
 
@@ -73,6 +75,10 @@ def build_spark(config: Config) -> SparkSession:
     Called once per process, by a job's entry point or a test fixture; library functions
     receive the session as an argument and never create one.
     """
+    # PySpark converts naive Python datetimes with the *process* time zone; pin it to UTC
+    # so every timestamp citylake writes or collects means UTC, whatever the host's zone.
+    os.environ["TZ"] = "UTC"
+    time.tzset()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(config.spark.app_name)

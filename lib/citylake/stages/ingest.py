@@ -28,6 +28,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from citylake.errors import CitylakeError
 from citylake.lake import Lake, RawFile, in_list
 from citylake.transforms import records as R
 from citylake.transforms.registry import invalid_registry_rows, registry_history, registry_rows
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 TXN_PREFIX = "citylake.ingest"
 
 
-class IngestError(RuntimeError):
+class IngestError(CitylakeError):
     """Ingest cannot go on; the message says what to fix."""
 
 
@@ -79,6 +80,11 @@ class IngestReport:
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _aware(ts: dt.datetime | None) -> dt.datetime | None:
+    """A naive datetime is taken as UTC."""
+    return ts if ts is None or ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
 
 
 # -- sensor registry ------------------------------------------------------------------------
@@ -124,6 +130,10 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
     for p in parts[1:]:
         raw_all = raw_all.unionByName(p, allowMissingColumns=True)
     rows = registry_rows(raw_all, required)
+    repeated = rows.groupBy("source_file", "sensor_id").count().where("count > 1").collect()
+    if repeated:
+        listed = ", ".join(f"{r['sensor_id']} in {r['source_file']}" for r in repeated[:20])
+        raise IngestError(f"sensor registry lists a sensor twice in one file: {listed}")
     bad = invalid_registry_rows(rows).select("source_file", "sensor_id", "region", "lat", "lon").collect()
     if bad:
         listed = "\n".join(f"  {r['source_file']}: sensor_id={r['sensor_id']!r} region={r['region']!r} "
@@ -143,28 +153,45 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
 
 
 # -- planning -------------------------------------------------------------------------------
-def plan_batches(lake: Lake, date: dt.date | None = None) -> list[tuple[int, list[RawFile], bool]]:
+@dataclass
+class BatchPlan:
+    """Files of one batch; ``resumed`` batches reuse their claim's time and registry."""
+
+    batch_id: int
+    files: list[RawFile]
+    resumed: bool
+    planned_ts: dt.datetime | None = None
+    registry_version: int | None = None
+
+
+def plan_batches(lake: Lake, date: dt.date | None = None) -> list[BatchPlan]:
     """Batches to run: unfinished claimed batches first (resume), then one or more new ones.
 
     ``date`` limits *new* files to the landing folder ``date=YYYY-MM-DD``; without it
     every folder is scanned, which is what picks up late files for old dates.
-    Returns (batch_id, files, resumed) tuples.
+    A resumed batch keeps its claim's ingest time and sensor-registry version, so its
+    records are judged exactly as in the attempt that died (some tables may already hold
+    that attempt's rows).
     """
-    claimed = lake.read("ingest_files").select("batch_id", "file_path", "file_size", "file_mtime").collect()
+    claimed = lake.read("ingest_files").select(
+        "batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version").collect()
     logged = {r["batch_id"] for r in lake.read("ingest_log").select("batch_id").collect()}
-    plans: list[tuple[int, list[RawFile], bool]] = []
-    unfinished: dict[int, list[RawFile]] = {}
+    plans: list[BatchPlan] = []
+    unfinished: dict[int, BatchPlan] = {}
     for r in claimed:
         if r["batch_id"] not in logged:
             mtime = r["file_mtime"].replace(tzinfo=dt.timezone.utc) if r["file_mtime"] else None
-            unfinished.setdefault(r["batch_id"], []).append(RawFile(r["file_path"], r["file_size"], mtime))
+            plan = unfinished.setdefault(r["batch_id"], BatchPlan(
+                r["batch_id"], [], True, r["planned_ts"].replace(tzinfo=dt.timezone.utc), r["registry_version"]))
+            plan.files.append(RawFile(r["file_path"], r["file_size"], mtime))
     for batch_id in sorted(unfinished):
-        plans.append((batch_id, sorted(unfinished[batch_id], key=lambda f: f.path), True))
+        unfinished[batch_id].files.sort(key=lambda f: f.path)
+        plans.append(unfinished[batch_id])
 
     folder = lake.raw_readings + (f"/date={date.isoformat()}" if date else "")
     seen = {r["file_path"]: r for r in claimed}
     new_files = []
-    for f in lake.list_files(folder):
+    for f in lake.list_files(folder, lake.config.ingest.min_file_age_s):
         old = seen.get(f.path)
         if old is None:
             new_files.append(f)
@@ -174,17 +201,16 @@ def plan_batches(lake: Lake, date: dt.date | None = None) -> list[tuple[int, lis
     next_id = max([0] + [r["batch_id"] for r in claimed]) + 1
     step = lake.config.ingest.max_files_per_batch
     for i in range(0, len(new_files), step):
-        plans.append((next_id, new_files[i:i + step], False))
+        plans.append(BatchPlan(next_id, new_files[i:i + step], False))
         next_id += 1
     return plans
 
 
-def claim_files(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime) -> None:
+def claim_files(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime,
+                registry_version: int | None = None) -> None:
     """Record that ``batch_id`` owns ``files`` (idempotent per batch)."""
-    rows = [(batch_id, f.path, f.size, f.mtime, now) for f in files]
-    df = lake.spark.createDataFrame(
-        rows, "batch_id long, file_path string, file_size long, file_mtime timestamp, planned_ts timestamp"
-    )
+    rows = [(batch_id, f.path, f.size, f.mtime, now, registry_version) for f in files]
+    df = lake.spark.createDataFrame(rows, lake.spec("ingest_files").struct())
     lake.append("ingest_files", df, txn=(f"{TXN_PREFIX}.files", batch_id))
 
 
@@ -217,11 +243,11 @@ def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
         if fmt is None:
             groups.rejected[f.path] = ("unsupported_format", "suffix not in schemas/raw_reading.yaml formats")
         elif fmt == "parquet":
-            # Magic bytes first: cheap, and spares the log a Spark stack trace per bad file.
-            if not lake.has_parquet_magic(f.path):
-                groups.rejected[f.path] = ("unreadable_file", "not a Parquet file (no PAR1 magic at both ends)")
-                continue
             try:
+                # Magic bytes first: cheap, and spares the log a Spark stack trace per bad file.
+                if not lake.has_parquet_magic(f.path):
+                    groups.rejected[f.path] = ("unreadable_file", "not a Parquet file (no PAR1 magic at both ends)")
+                    continue
                 schema = lake.spark.read.parquet(f.path).schema
             except Exception as exc:  # noqa: BLE001 - any read failure means "not Parquet"
                 groups.rejected[f.path] = ("unreadable_file", _short(exc))
@@ -246,7 +272,10 @@ def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
             else:
                 header = tuple(h.strip() for h in next(csv.reader([first.lstrip("\ufeff")])))
                 missing = [c for c in required if c not in header]
-                if missing:
+                repeated = sorted({h for h in header if header.count(h) > 1})
+                if "" in header or repeated:
+                    groups.rejected[f.path] = ("bad_header", f"empty or repeated column names {repeated}")
+                elif missing:
                     groups.rejected[f.path] = ("missing_required_columns", f"header lacks {missing}")
                 else:
                     groups.csv.setdefault(header, []).append(f.path)
@@ -288,12 +317,12 @@ def _records(lake: Lake, groups: _FileGroups) -> DataFrame | None:
 def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
     """After a read failed mid-job, find the files that cannot be read in full.
 
-    Only compressed text and Parquet files can fail this way (a truncated gzip is only
-    noticed at its end), so only those are re-read one by one. Returns how many were
-    moved to ``groups.rejected``.
+    A truncated gzip is only noticed at its end, a corrupt Parquet page when it is read,
+    a file may vanish after it was claimed: every file of the batch is re-read on its own
+    (this path runs only after a failure). Returns how many moved to ``groups.rejected``.
     """
-    suspects = [p for paths in groups.csv.values() for p in paths if p.endswith(".gz")]
-    suspects += [p for p in groups.json if p.endswith(".gz")]
+    suspects = [p for paths in groups.csv.values() for p in paths]
+    suspects += list(groups.json)
     suspects += [p for paths in groups.parquet.values() for p in paths]
     found = 0
     for path in suspects:
@@ -315,9 +344,13 @@ def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
     return found
 
 
-def _typed_records(lake: Lake, groups: _FileGroups, now: dt.datetime) -> tuple[DataFrame | None, dict]:
+def _typed_records(lake: Lake, groups: _FileGroups, now: dt.datetime,
+                   registry_version: int | None = None) -> tuple[DataFrame | None, dict]:
     """Parse and check every record, cached; returns (typed, per-reason counts incl. totals)."""
-    known = lake.read("sensors").select("sensor_id")
+    known = lake.read("sensors")
+    if registry_version is not None and registry_version >= 0:
+        known = lake.spark.read.format("delta").option("versionAsOf", registry_version).load(lake.path("sensors"))
+    known = known.select("sensor_id")
     for attempt in (1, 2):
         records = _records(lake, groups)
         if records is None:
@@ -338,12 +371,16 @@ def _typed_records(lake: Lake, groups: _FileGroups, now: dt.datetime) -> tuple[D
     raise AssertionError("unreachable")
 
 
-def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime | None = None) -> BatchReport:
-    """Ingest one claimed batch of files; safe to call again for the same batch."""
+def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime | None = None,
+                 registry_version: int | None = None) -> BatchReport:
+    """Ingest one claimed batch of files; safe to call again for the same batch.
+
+    ``registry_version`` pins the sensors table version records are checked against.
+    """
     started = time.monotonic()
-    now = now or utc_now()
+    now = _aware(now) or utc_now()
     groups = _classify(lake, files)
-    typed, summary = _typed_records(lake, groups, now)
+    typed, summary = _typed_records(lake, groups, now, registry_version)
     raw_rows = summary.pop("raw_rows")
     quarantined = sum(summary.values())
 
@@ -419,12 +456,15 @@ def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None 
     if not plans:
         log.info("nothing to ingest: every landed file is already in a batch")
     reports = []
-    for batch_id, files, resumed in plans:
-        batch_now = now or utc_now()
-        log.info("%s batch %d: %d file(s)", "resuming" if resumed else "ingesting", batch_id, len(files))
-        if not resumed:
-            claim_files(lake, batch_id, files, batch_now)
-        report = ingest_batch(lake, batch_id, files, batch_now)
+    for plan in plans:
+        batch_id, files = plan.batch_id, plan.files
+        if plan.resumed:
+            batch_now, registry_version = plan.planned_ts, plan.registry_version
+        else:
+            batch_now, registry_version = _aware(now) or utc_now(), lake.version("sensors")
+            claim_files(lake, batch_id, files, batch_now, registry_version)
+        log.info("%s batch %d: %d file(s)", "resuming" if plan.resumed else "ingesting", batch_id, len(files))
+        report = ingest_batch(lake, batch_id, files, batch_now, registry_version)
         log.info(
             "batch %d: raw %d = accepted %d + quarantined %d + duplicates %d; %d file(s) rejected (%.1fs)",
             batch_id, report.raw_rows, report.accepted, report.quarantined, report.duplicates,

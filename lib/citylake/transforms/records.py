@@ -61,13 +61,18 @@ def json_records(lines: DataFrame) -> DataFrame:
     )
 
 
+def _col(name: str) -> Column:
+    """A column by its exact name, even with dots or spaces (``pm2.5``)."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
 def _as_text(column: str, data_type: T.DataType) -> Column:
     # Instants are written back as ISO with Z so they pass the same timestamp rule as text.
     if isinstance(data_type, T.TimestampType):
-        return F.date_format(F.col(column), "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX")
+        return F.date_format(_col(column), "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX")
     if isinstance(data_type, (T.StructType, T.ArrayType, T.MapType)):
-        return F.to_json(F.col(column))
-    return F.col(column).cast("string")
+        return F.to_json(_col(column))
+    return _col(column).cast("string")
 
 
 def parquet_records(rows: DataFrame, file_column: str, source_format: str = "parquet") -> DataFrame:
@@ -80,15 +85,15 @@ def parquet_records(rows: DataFrame, file_column: str, source_format: str = "par
     data = [f for f in rows.schema.fields if f.name != file_column]
     names = [f.name for f in data]
     as_text = rows.select(
-        F.col(file_column).alias("source_file"),
+        _col(file_column).alias("source_file"),
         *[_as_text(f.name, f.dataType).alias(f.name) for f in data],
     )
     return as_text.select(
         "source_file",
         F.lit(source_format).alias("source_format"),
-        F.to_json(F.struct(*[F.col(c) for c in names])).alias("raw_record"),
+        F.to_json(F.struct(*[_col(c) for c in names])).alias("raw_record"),
         F.lit(True).alias("parsed"),
-        F.create_map(*[x for c in names for x in (F.lit(c), F.col(c))]).alias("fields"),
+        F.create_map(*[x for c in names for x in (F.lit(c), _col(c))]).alias("fields"),
     )
 
 

@@ -1,0 +1,755 @@
+"""Gradient-boosted trees per region and metric: LightGBM in executors or Spark ML, one interface.
+
+Model
+-----
+One model per group ``(region, metric)`` - "per region" as the issue asks, and per metric
+because series of different metrics have different units and scales. Rows, features and
+targets come from :mod:`citylake.forecast.gbt_data`: each row is a series, an origin
+time ``t`` and a step ``h``; the target is the series' value ``h`` grid steps after ``t``.
+
+Multi-step strategy: *direct, with the step as a feature*. The rows of steps 1..H are
+stacked and one model per group learns ``y_(t+h) = f(features at t, h, calendar of
+t+h)``. Chosen over one model per step because it is one fit per group instead of H
+(H = 24 on hourly data would mean 24x the fits and 24 model artifacts per group), the
+trees share what steps have in common (level, daily cycle via the target-hour
+features) and split on ``step`` where they differ, and there is no recursion, so errors
+do not compound. The cost is H x the rows per fit; ``sample_fraction`` of
+:func:`train_gbt` subsamples (origin, step) rows to bound it.
+
+Features: the series' own gold columns at ``t`` (value, lags, rolling mean/std),
+``region_mean`` at ``t``, ``step``, hour/dow sin/cos of the target time, for air /
+weather stations the station's other metrics at ``t`` (``x_<metric>``), and the sensor
+as a categorical feature named ``sensor``:
+
+* ``local``: integer code = position of the sensor id in the group's sorted sensor list
+  (:attr:`GBTModel.categories`), declared categorical to LightGBM; a sensor unseen in
+  training gets NaN, which LightGBM treats as missing.
+* ``spark-ml``: ``StringIndexer`` (alphabetical, ``handleInvalid="keep"`` so an unseen
+  sensor gets its own index). Its output carries nominal metadata through
+  ``VectorAssembler``, so ``GBTRegressor`` splits it as a categorical (subsets of
+  sensors), not as an ordered number; that needs ``maxBins >= number of sensors + 1``,
+  which the trainer sets per group (one-hot would also work, but widens every row and
+  trees split one sensor at a time).
+
+Missing feature values: LightGBM handles NaN natively. Spark ML trees do not, so the
+spark-ml pipeline starts with a ``SQLTransformer`` that replaces nulls by
+:data:`SPARK_MISSING` (far below any physical value, so a tree can isolate "missing"
+with one split); it is part of the saved ``PipelineModel``, so a model loaded from
+MLflow takes raw feature columns. Feature columns that are null in every row of a group
+(e.g. ``x_pm10`` where no station measures pm10) are left out of that group's model.
+
+Engines
+-------
+* ``local``: one grouped pandas UDF (``applyInPandas``) trains LightGBM
+  (``n_jobs=1``: Spark already runs one task per core) for many groups at once, in the
+  executors. Groups are packed into ``parallelism`` buckets by training rows (longest
+  first), and each bucket is sent to its own partition (:func:`partition_keys`), so
+  ``parallelism`` tasks train concurrently and no task gets two large groups by hash
+  collision. Each group returns its model text (``Booster.model_to_string``), gain
+  importances, rows, fit seconds and in-sample RMSE.
+* ``spark-ml``: a ``pyspark.ml`` Pipeline (SQLTransformer, StringIndexer,
+  VectorAssembler, GBTRegressor) per group; ``parallelism`` groups are fitted at once,
+  each from its own thread of a ``ThreadPoolExecutor``, in its own scheduler pool
+  (``sc.setLocalProperty("spark.scheduler.pool", ...)``). Pools only share the cluster
+  fairly when the session was built with :data:`FAIR_SCHEDULER_CONF`
+  (``spark.scheduler.mode=FAIR``); under the default FIFO the first group's jobs take
+  every free core and the others wait (a warning is logged).
+* ``auto`` (default): per group, ``spark-ml`` when its training rows are at least
+  ``spark_min_rows``, else ``local`` (:func:`choose_engine`). On 2 local cores Spark ML
+  was never close to LightGBM (6-33x slower, ``bench/RESULTS_GBT.md``), hence the
+  large default :data:`DEFAULT_SPARK_MIN_ROWS`: Spark ML is for groups too big for one
+  Python worker's memory, where it is the only engine that scales out.
+
+In-sample RMSE is on the training rows (all steps pooled), in the metric's unit. The
+``seconds`` of a group are the fit's wall time (for spark-ml measured on the driver,
+so with parallelism > 1 they include time shared with other groups).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from citylake.catalogue import ColumnSpec, TableSpec
+from citylake.forecast.gbt_data import (
+    CROSS_PREFIX,
+    GROUP,
+    ORIGIN_TS,
+    SENSOR_FEATURE,
+    STEP,
+    TARGET,
+    TARGET_TS,
+    cross_metric_names,
+    numeric_feature_candidates,
+    origin_rows,
+    training_set,
+)
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "local", "spark-ml")
+MODEL_NAME = "gbt"
+#: ``forecast.gbt_spark_min_rows`` default: training rows of a group from which ``auto``
+#: uses Spark ML. Set from bench/RESULTS_GBT.md: on local[2] Spark ML was 6-33x slower
+#: than LightGBM at every size measured (5k-80k rows) with the gap not closing, so the
+#: threshold is a memory bound, not a speed one: the local engine holds a whole group in
+#: one Python worker, measured 0.5-0.7 KB per row with 16 features (peak RSS), i.e.
+#: ~3 GB at 5M rows, the most we want one executor's Python side to take.
+DEFAULT_SPARK_MIN_ROWS = 5_000_000
+#: What the SparkSession needs for concurrent spark-ml groups (conf/base.yaml spark.conf).
+FAIR_SCHEDULER_CONF = {"spark.scheduler.mode": "FAIR"}
+#: Scheduler pool name prefix of the spark-ml threads.
+POOL_PREFIX = "citylake-gbt"
+#: Stand-in for a missing feature value in Spark ML (its trees cannot split on null/NaN).
+SPARK_MISSING = -1.0e9
+
+_BUCKET = "_bucket"
+_FILLED = "_f_"
+_SENSOR_INDEX = "_sensor_idx"
+_VECTOR = "_features"
+_PREDICTION = "prediction"  # MLflow's pyfunc wrapper of a Spark model reads this column
+
+PREDICTION_COLUMNS = ("model", "sensor_id", "metric", "region", ORIGIN_TS, TARGET_TS, STEP, "y_pred")
+_PREDICTION_SCHEMA = T.StructType(
+    [
+        T.StructField("model", T.StringType()),
+        T.StructField("sensor_id", T.StringType()),
+        T.StructField("metric", T.StringType()),
+        T.StructField("region", T.StringType()),
+        T.StructField(ORIGIN_TS, T.TimestampType()),
+        T.StructField(TARGET_TS, T.TimestampType()),
+        T.StructField(STEP, T.IntegerType()),
+        T.StructField("y_pred", T.DoubleType()),
+    ]
+)
+_LOCAL_FIT_SCHEMA = T.StructType(
+    [
+        T.StructField("region", T.StringType()),
+        T.StructField("metric", T.StringType()),
+        T.StructField("model_text", T.StringType()),
+        T.StructField("gains", T.ArrayType(T.DoubleType())),
+        T.StructField("n_train", T.LongType()),
+        T.StructField("seconds", T.DoubleType()),
+        T.StructField("rmse", T.DoubleType()),
+    ]
+)
+
+GOLD_FEATURE_IMPORTANCE = TableSpec(
+    name="gold_feature_importance",
+    path="gold/feature_importance",
+    layer="gold",
+    description="Feature importances of each GBT model (region x metric), normalised to sum 1.",
+    partition_by=(),
+    keys=("region", "metric", "engine", "feature"),
+    unique_keys=None,
+    time_column=None,
+    columns=(
+        ColumnSpec("region", "string", False),
+        ColumnSpec("metric", "string", False),
+        ColumnSpec("engine", "string", False, "local (LightGBM) | spark-ml (GBTRegressor)"),
+        ColumnSpec("feature", "string", False, "model input; sensor = the categorical sensor id"),
+        ColumnSpec("importance", "double", False, "share of total gain, sums to 1 per model"),
+        ColumnSpec("rank", "int", False, "1 = most important"),
+    ),
+)
+
+#: The same table for ``schemas/tables.yaml`` (for the integrator; add run keys as needed).
+TABLES_YAML_ENTRY = """\
+  gold_feature_importance:
+    path: gold/feature_importance
+    layer: gold
+    description: Feature importances of each GBT model (region x metric), normalised to sum 1.
+    partition_by: []
+    keys: [region, metric, engine, feature]
+    columns:
+      - {name: region, type: string, nullable: false}
+      - {name: metric, type: string, nullable: false}
+      - {name: engine, type: string, nullable: false, description: "local (LightGBM) | spark-ml (GBTRegressor)"}
+      - {name: feature, type: string, nullable: false, description: model input; sensor = the categorical sensor id}
+      - {name: importance, type: double, nullable: false, description: share of total gain, sums to 1 per model}
+      - {name: rank, type: int, nullable: false, description: 1 = most important}
+"""
+
+
+@dataclass(frozen=True)
+class GBTParams:
+    """Tree-ensemble settings shared by both engines.
+
+    ``n_trees`` boosting rounds; ``learning_rate`` shrinkage; ``max_depth`` tree depth
+    (LightGBM gets ``num_leaves = 2**max_depth`` so both engines grow trees of the same
+    size); ``min_rows_per_leaf``; ``subsample`` share of rows per tree (1 = all);
+    ``max_bins`` histogram bins per feature (Spark ML raises it per group to fit the
+    sensor categories); ``seed``.
+    """
+
+    n_trees: int = 100
+    learning_rate: float = 0.1
+    max_depth: int = 5
+    min_rows_per_leaf: int = 20
+    subsample: float = 1.0
+    max_bins: int = 64
+    seed: int = 42
+
+    def lightgbm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``lightgbm.LGBMRegressor`` (single-threaded, quiet)."""
+        kwargs: dict[str, Any] = {
+            "n_estimators": self.n_trees,
+            "learning_rate": self.learning_rate,
+            "max_depth": self.max_depth,
+            "num_leaves": 2**self.max_depth,
+            "min_child_samples": self.min_rows_per_leaf,
+            "max_bin": self.max_bins,
+            "random_state": self.seed,
+            # One task per core already: threads inside a task would oversubscribe.
+            "n_jobs": 1,
+            "force_col_wise": True,
+            "verbose": -1,
+        }
+        if self.subsample < 1:
+            kwargs.update(subsample=self.subsample, subsample_freq=1)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class GBTModel:
+    """A fitted model of one group.
+
+    ``features``: model inputs in order (numeric columns of the training set, then
+    ``sensor``); ``categories``: sorted sensor ids seen in training (the ``sensor``
+    codes of the local engine); ``model``: LightGBM model text (``local``) or a
+    ``pyspark.ml.PipelineModel`` (``spark-ml``); ``importances``: feature -> share of
+    total gain (sums to 1; all 0 for a model without any split); ``n_train`` training
+    rows; ``seconds`` fit wall time; ``rmse`` in-sample RMSE in the metric's unit.
+    """
+
+    region: str
+    metric: str
+    engine: str
+    horizon: int
+    features: tuple[str, ...]
+    categories: tuple[str, ...]
+    model: Any
+    importances: Mapping[str, float]
+    n_train: int
+    seconds: float
+    rmse: float
+
+    @property
+    def numeric_features(self) -> list[str]:
+        """The training-set columns the model reads (``features`` without ``sensor``)."""
+        return [f for f in self.features if f != SENSOR_FEATURE]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What the trainer knows about a group before fitting: its rows (``n_train``), the
+    numeric features with at least one value, its sensors and the engine to use."""
+
+    region: str
+    metric: str
+    n_train: int
+    numeric_features: tuple[str, ...]
+    categories: tuple[str, ...]
+    engine: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.region, self.metric)
+
+
+# -- routing ----------------------------------------------------------------------------
+
+
+def choose_engine(n_train: int, engine: str, spark_min_rows: int) -> str:
+    """The engine for a group of ``n_train`` training rows: ``engine`` itself unless it is
+    ``auto``, then ``spark-ml`` when ``n_train >= spark_min_rows`` and ``local`` below."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown GBT engine {engine!r}; use one of {ENGINES}")
+    if engine != "auto":
+        return engine
+    return "spark-ml" if n_train >= spark_min_rows else "local"
+
+
+def assign_buckets(sizes: Sequence[int], n_buckets: int) -> list[int]:
+    """Pack groups of ``sizes`` rows into ``n_buckets`` buckets, largest first into the
+    currently lightest bucket (LPT), so concurrent tasks finish at about the same time.
+    Returns the bucket of each group, in input order."""
+    if n_buckets < 1:
+        raise ValueError("n_buckets must be >= 1")
+    loads = [0] * n_buckets
+    out = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        b = min(range(n_buckets), key=lambda b: (loads[b], b))
+        out[i] = b
+        loads[b] += sizes[i]
+    return out
+
+
+def plan_groups(
+    train: DataFrame, candidates: Sequence[str], engine: str, spark_min_rows: int
+) -> list[GroupPlan]:
+    """One aggregation over the training set: rows, sensors and non-null count of every
+    candidate feature per group; routes each group (:func:`choose_engine`)."""
+    aggs = [F.count(F.lit(1)).alias("_n"), F.array_sort(F.collect_set("sensor_id")).alias("_sensors")]
+    aggs += [F.count(F.col(c)).alias(f"_nn{i}") for i, c in enumerate(candidates)]
+    plans = []
+    for row in train.groupBy(*GROUP).agg(*aggs).collect():
+        own = CROSS_PREFIX + row["metric"]  # the group's own metric again: same as value
+        features = tuple(c for i, c in enumerate(candidates) if row[f"_nn{i}"] > 0 and c != own)
+        n = int(row["_n"])
+        plans.append(
+            GroupPlan(row["region"], row["metric"], n, features, tuple(row["_sensors"]), choose_engine(n, engine, spark_min_rows))
+        )
+    return sorted(plans, key=lambda p: p.key)
+
+
+# -- local engine: LightGBM in a grouped pandas UDF ---------------------------------------
+
+
+def _design(pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
+    """The LightGBM input matrix: numeric features as float (null -> NaN) and ``sensor``
+    as its code in ``categories`` (NaN when unseen)."""
+    X = pdf[list(numeric)].astype("float64")
+    codes = {s: float(i) for i, s in enumerate(categories)}
+    X[SENSOR_FEATURE] = pdf["sensor_id"].map(codes).astype("float64")
+    return X
+
+
+def _normalise(values: Sequence[float]) -> list[float]:
+    total = float(np.sum(values))
+    return [float(v) / total if total > 0 else 0.0 for v in values]
+
+
+def fit_lightgbm(
+    pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str], params: GBTParams
+) -> tuple[str, list[float], float]:
+    """Fit one group's LightGBM on its training rows (pandas; target column ``y``).
+    Returns (model text, gain importance per feature incl. ``sensor``, in-sample RMSE)."""
+    import lightgbm as lgb
+
+    X = _design(pdf, numeric, categories)
+    y = pdf[TARGET].to_numpy(dtype="float64")
+    model = lgb.LGBMRegressor(**params.lightgbm_kwargs())
+    model.fit(X, y, categorical_feature=[SENSOR_FEATURE])
+    booster = model.booster_
+    rmse = float(np.sqrt(np.mean((booster.predict(X) - y) ** 2)))
+    gains = booster.feature_importance(importance_type="gain").astype(float).tolist()
+    return booster.model_to_string(), gains, rmse
+
+
+def _local_fit_fn(
+    specs: Mapping[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]], params: GBTParams
+) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
+    """The applyInPandas function: ``specs`` = group -> (numeric features, sensors)."""
+
+    def fit(key: tuple, pdf: pd.DataFrame) -> pd.DataFrame:
+        region, metric = key[1], key[2]
+        numeric, categories = specs[(region, metric)]
+        start = time.perf_counter()
+        text, gains, rmse = fit_lightgbm(pdf, numeric, categories, params)
+        seconds = time.perf_counter() - start
+        return pd.DataFrame(
+            {
+                "region": [region],
+                "metric": [metric],
+                "model_text": [text],
+                "gains": [gains],
+                "n_train": [len(pdf)],
+                "seconds": [seconds],
+                "rmse": [rmse],
+            }
+        )
+
+    return fit
+
+
+def partition_keys(spark: SparkSession, n: int) -> list[int]:
+    """Integers ``k_0..k_(n-1)`` that ``repartition(n, col)`` sends to partitions 0..n-1.
+
+    Hash partitioning puts key k in ``pmod(murmur3(k), n)``, so n bucket numbers
+    0..n-1 used as keys can collide (two buckets in one task, one core idle), and range
+    partitioning decides its bounds from a sample, which for a handful of distinct keys
+    also merged buckets when tried. Searching small integers for one per partition with
+    Spark's own ``hash`` (the partitioner's function) makes the placement exact.
+    """
+    cap = 64 * n
+    found = (
+        spark.range(cap)
+        .select(F.col("id").cast("int").alias("k"), F.pmod(F.hash(F.col("id").cast("int")), F.lit(n)).alias("p"))
+        .groupBy("p")
+        .agg(F.min("k").alias("k"))
+        .collect()
+    )
+    keys = {int(r["p"]): int(r["k"]) for r in found}
+    if len(keys) < n:  # practically impossible: 64 candidates per partition
+        raise RuntimeError(f"no key for partitions {sorted(set(range(n)) - set(keys))} of {n}")
+    return [keys[p] for p in range(n)]
+
+
+def _train_local(
+    train: DataFrame, plans: Sequence[GroupPlan], params: GBTParams, horizon: int, parallelism: int
+) -> list[GBTModel]:
+    """Fit every group of ``plans`` with LightGBM in one Spark job of
+    ``min(parallelism, groups)`` tasks (buckets, see the module doc)."""
+    spark = train.sparkSession
+    n_buckets = max(1, min(parallelism, len(plans)))
+    buckets = assign_buckets([p.n_train for p in plans], n_buckets)
+    keys = partition_keys(spark, n_buckets)
+    mapping = spark.createDataFrame(
+        [(p.region, p.metric, keys[b]) for p, b in zip(plans, buckets)], f"region string, metric string, {_BUCKET} int"
+    )
+    columns = sorted({c for p in plans for c in p.numeric_features})
+    data = (
+        train.select(*GROUP, "sensor_id", TARGET, *columns)
+        .join(F.broadcast(mapping), list(GROUP))
+        .repartition(n_buckets, _BUCKET)
+    )
+    specs = {p.key: (p.numeric_features, p.categories) for p in plans}
+    spark.sparkContext.setJobDescription(f"gbt local: {len(plans)} groups in {n_buckets} tasks")
+    rows = data.groupBy(_BUCKET, *GROUP).applyInPandas(_local_fit_fn(specs, params), _LOCAL_FIT_SCHEMA).collect()
+    by_key = {p.key: p for p in plans}
+    models = []
+    for row in rows:
+        plan = by_key[(row["region"], row["metric"])]
+        features = (*plan.numeric_features, SENSOR_FEATURE)
+        models.append(
+            GBTModel(
+                region=plan.region,
+                metric=plan.metric,
+                engine="local",
+                horizon=horizon,
+                features=features,
+                categories=plan.categories,
+                model=row["model_text"],
+                importances=dict(zip(features, _normalise(row["gains"]))),
+                n_train=int(row["n_train"]),
+                seconds=float(row["seconds"]),
+                rmse=float(row["rmse"]),
+            )
+        )
+    return models
+
+
+# -- spark-ml engine --------------------------------------------------------------------
+
+
+def spark_pipeline(numeric: Sequence[str], n_sensors: int, params: GBTParams) -> Any:
+    """The unfitted ``pyspark.ml.Pipeline`` of one group: fill nulls with
+    :data:`SPARK_MISSING`, index the sensor, assemble, ``GBTRegressor`` (label ``y``,
+    output column ``prediction``). ``maxBins`` is raised to ``n_sensors + 1`` when
+    needed (categorical sensor incl. the "unseen" index)."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.feature import SQLTransformer, StringIndexer, VectorAssembler
+    from pyspark.ml.regression import GBTRegressor
+
+    filled = ", ".join(f"coalesce(CAST(`{c}` AS DOUBLE), {SPARK_MISSING!r}) AS `{_FILLED}{c}`" for c in numeric)
+    fill = SQLTransformer(statement=f"SELECT *, {filled} FROM __THIS__")
+    indexer = StringIndexer(
+        inputCol="sensor_id", outputCol=_SENSOR_INDEX, handleInvalid="keep", stringOrderType="alphabetAsc"
+    )
+    assembler = VectorAssembler(inputCols=[f"{_FILLED}{c}" for c in numeric] + [_SENSOR_INDEX], outputCol=_VECTOR)
+    gbt = GBTRegressor(
+        featuresCol=_VECTOR,
+        labelCol=TARGET,
+        predictionCol=_PREDICTION,
+        maxIter=params.n_trees,
+        stepSize=params.learning_rate,
+        maxDepth=params.max_depth,
+        minInstancesPerNode=params.min_rows_per_leaf,
+        subsamplingRate=params.subsample,
+        maxBins=max(params.max_bins, n_sensors + 1),
+        seed=params.seed,
+    )
+    return Pipeline(stages=[fill, indexer, assembler, gbt])
+
+
+def _in_pool(spark: SparkSession, pool: str, description: str) -> None:
+    """Route this thread's jobs to scheduler pool ``pool`` (effective under FAIR)."""
+    sc = spark.sparkContext
+    sc.setLocalProperty("spark.scheduler.pool", pool)
+    sc.setJobDescription(description)
+
+
+def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, horizon: int, pool: str) -> GBTModel:
+    """Fit one group's Spark ML pipeline (called from a worker thread)."""
+    _in_pool(train.sparkSession, pool, f"gbt spark-ml {plan.region}/{plan.metric}")
+    subset = train.where((F.col("region") == plan.region) & (F.col("metric") == plan.metric))
+    start = time.perf_counter()
+    fitted = spark_pipeline(plan.numeric_features, len(plan.categories), params).fit(subset)
+    seconds = time.perf_counter() - start
+    mse = fitted.transform(subset).select(F.avg((F.col(_PREDICTION) - F.col(TARGET)) ** 2)).first()[0]
+    features = (*plan.numeric_features, SENSOR_FEATURE)
+    importances = _normalise(fitted.stages[-1].featureImportances.toArray().tolist())
+    return GBTModel(
+        region=plan.region,
+        metric=plan.metric,
+        engine="spark-ml",
+        horizon=horizon,
+        features=features,
+        categories=plan.categories,
+        model=fitted,
+        importances=dict(zip(features, importances)),
+        n_train=plan.n_train,
+        seconds=seconds,
+        rmse=math.sqrt(mse) if mse is not None else float("nan"),
+    )
+
+
+def _warn_without_fair(spark: SparkSession, n_spark: int, parallelism: int) -> None:
+    mode = spark.sparkContext.getConf().get("spark.scheduler.mode", "FIFO")
+    if n_spark > 1 and parallelism > 1 and mode.upper() != "FAIR":
+        log.warning(
+            "spark.scheduler.mode is %s: concurrent spark-ml groups queue behind each other; "
+            "build the session with spark.scheduler.mode=FAIR",
+            mode,
+        )
+
+
+# -- public API -------------------------------------------------------------------------
+
+
+def train_gbt(
+    gold: DataFrame,
+    horizon: int,
+    engine: str = "auto",
+    params: GBTParams | None = None,
+    spark_min_rows: int = DEFAULT_SPARK_MIN_ROWS,
+    parallelism: int = 2,
+    *,
+    intervals: Mapping[str, int] | None = None,
+    cross_metrics: Sequence[str] | None = None,
+    sample_fraction: float = 1.0,
+) -> list[GBTModel]:
+    """Train one GBT model per (region, metric) on a gold_features-shaped frame.
+
+    ``horizon``: H, models forecast steps 1..H (grid steps of each metric).
+    ``engine``: ``auto`` | ``local`` | ``spark-ml`` (module doc). ``spark_min_rows``:
+    ``auto`` threshold in training rows per group (config ``forecast.gbt_spark_min_rows``).
+    ``parallelism``: groups trained at once (tasks of the local job; threads for
+    spark-ml; 1 = one after another). ``intervals`` / ``cross_metrics`` /
+    ``sample_fraction``: see :func:`citylake.forecast.gbt_data.training_set`.
+    Rows without a region are not used. Returns the models sorted by (region, metric).
+    """
+    params = params or GBTParams()
+    if engine not in ENGINES:
+        raise ValueError(f"unknown GBT engine {engine!r}; use one of {ENGINES}")
+    cross = cross_metric_names() if cross_metrics is None else list(cross_metrics)
+    train = training_set(gold, horizon, intervals, cross, sample_fraction, params.seed).persist()
+    try:
+        plans = plan_groups(train, numeric_feature_candidates(gold.columns, cross), engine, spark_min_rows)
+        local = [p for p in plans if p.engine == "local"]
+        spark_ml = sorted((p for p in plans if p.engine == "spark-ml"), key=lambda p: -p.n_train)
+        _warn_without_fair(gold.sparkSession, len(spark_ml) + bool(local), parallelism)
+        with ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix=POOL_PREFIX) as pool:
+            futures = []
+            if local:
+                futures.append(pool.submit(_train_local, train, local, params, horizon, parallelism))
+            for i, plan in enumerate(spark_ml):
+                pool_name = f"{POOL_PREFIX}-{i % max(1, parallelism)}"
+                futures.append(pool.submit(_train_spark_group, train, plan, params, horizon, pool_name))
+            results = [f.result() for f in futures]
+    finally:
+        train.unpersist()
+    models = [m for r in results for m in (r if isinstance(r, list) else [r])]
+    return sorted(models, key=lambda m: (m.region, m.metric))
+
+
+def _local_predict_fn(
+    specs: Any,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The mapInPandas function; ``specs`` = broadcast of group -> (model text, numeric
+    features, sensors)."""
+
+    def predict(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import lightgbm as lgb
+
+        boosters: dict[tuple[str, str], Any] = {}  # parse each model once per task
+        for pdf in batches:
+            for key, part in pdf.groupby(list(GROUP), sort=False):
+                spec = specs.value.get(key)
+                if spec is None:
+                    continue
+                text, numeric, categories = spec
+                if key not in boosters:
+                    boosters[key] = lgb.Booster(model_str=text)
+                y_pred = boosters[key].predict(_design(part, numeric, categories))
+                out = part[["sensor_id", "metric", "region", ORIGIN_TS, TARGET_TS, STEP]].assign(y_pred=y_pred)
+                yield out.assign(model=MODEL_NAME)[list(PREDICTION_COLUMNS)]
+
+    return predict
+
+
+def _predict_local(models: Sequence[GBTModel], rows: DataFrame) -> DataFrame:
+    spark = rows.sparkSession
+    specs = {(m.region, m.metric): (m.model, m.numeric_features, m.categories) for m in models}
+    broadcast = spark.sparkContext.broadcast(specs)
+    in_models = reduce(
+        lambda a, b: a | b, [(F.col("region") == r) & (F.col("metric") == m) for r, m in specs]
+    )
+    return rows.where(in_models).mapInPandas(_local_predict_fn(broadcast), _PREDICTION_SCHEMA)
+
+
+def _predict_spark(model: GBTModel, rows: DataFrame) -> DataFrame:
+    subset = rows.where((F.col("region") == model.region) & (F.col("metric") == model.metric))
+    out = model.model.transform(subset)
+    return out.select(
+        F.lit(MODEL_NAME).alias("model"),
+        "sensor_id",
+        "metric",
+        "region",
+        ORIGIN_TS,
+        TARGET_TS,
+        F.col(STEP).cast("int").alias(STEP),
+        F.col(_PREDICTION).cast("double").alias("y_pred"),
+    )
+
+
+def predict_gbt(
+    models: Sequence[GBTModel],
+    gold_at_origins: DataFrame,
+    horizon: int,
+    *,
+    intervals: Mapping[str, int] | None = None,
+    cross_metrics: Sequence[str] | None = None,
+) -> DataFrame:
+    """Point forecasts for steps 1..``horizon`` from every origin row of ``gold_at_origins``
+    (gold_features-shaped, one row per series and origin; include a station's other
+    metrics at the origin for the ``x_*`` features, see
+    :func:`citylake.forecast.gbt_data.origin_rows`).
+
+    Columns: model (``'gbt'``), sensor_id, metric, region, origin_ts, target_ts, step,
+    y_pred (metric unit); the same for both engines. Rows of groups without a model are
+    left out. ``horizon`` must not exceed the models' training horizon.
+    """
+    if not models:
+        raise ValueError("no models to predict with")
+    too_far = [f"{m.region}/{m.metric} (H={m.horizon})" for m in models if horizon > m.horizon]
+    if too_far:
+        raise ValueError(f"horizon {horizon} beyond the training horizon of {too_far}")
+    cross = cross_metric_names() if cross_metrics is None else list(cross_metrics)
+    rows = origin_rows(gold_at_origins, horizon, intervals, cross)
+    parts = [_predict_spark(m, rows) for m in models if m.engine == "spark-ml"]
+    local = [m for m in models if m.engine == "local"]
+    if local:
+        parts.append(_predict_local(local, rows))
+    return reduce(DataFrame.unionByName, parts)
+
+
+def feature_importances_df(spark: SparkSession, models: Sequence[GBTModel]) -> DataFrame:
+    """The ``gold_feature_importance`` rows of ``models``: region, metric, engine, feature,
+    importance (share of total gain, sums to 1 per model), rank (1 = most important,
+    ties by feature name)."""
+    rows = []
+    for m in models:
+        ordered = sorted(m.importances.items(), key=lambda kv: (-kv[1], kv[0]))
+        rows += [(m.region, m.metric, m.engine, f, float(v), r) for r, (f, v) in enumerate(ordered, start=1)]
+    return spark.createDataFrame(rows, GOLD_FEATURE_IMPORTANCE.struct())
+
+
+# -- MLflow -----------------------------------------------------------------------------
+
+
+def _mlflow_metadata(model: GBTModel) -> dict[str, Any]:
+    """What a loaded model needs besides the fitted object (plain types: YAML in MLmodel)."""
+    return {
+        "citylake_gbt": {
+            "region": model.region,
+            "metric": model.metric,
+            "engine": model.engine,
+            "horizon": int(model.horizon),
+            "features": list(model.features),
+            "categories": list(model.categories),
+            "importances": {k: float(v) for k, v in model.importances.items()},
+            "n_train": int(model.n_train),
+            "seconds": float(model.seconds),
+            "rmse": float(model.rmse),
+        }
+    }
+
+
+def log_model_mlflow(model: GBTModel, artifact_path: str, dfs_tmpdir: str | None = None) -> str:
+    """Log ``model`` to the active MLflow run (the caller manages runs); returns its URI.
+
+    ``local``: ``mlflow.lightgbm`` flavour of the Booster; ``spark-ml``: ``mlflow.spark``
+    flavour of the PipelineModel. ``dfs_tmpdir`` (spark-ml only): where Spark writes the
+    model before MLflow copies it into the artifact store; default ``MLFLOW_DFS_TMP`` or
+    ``/tmp/mlflow``, which works on ``local[*]``; on a cluster use a folder every
+    executor and the driver can reach (``hdfs:///tmp/mlflow``, ``s3a://.../tmp``).
+    The group, features, sensor categories, importances and training figures go into the
+    MLmodel ``metadata`` so :func:`load_model_mlflow` rebuilds the whole :class:`GBTModel`.
+    Pip requirements are given explicitly: MLflow's inference would start a subprocess
+    (for Spark, a second Spark session) per logged model.
+    """
+    import mlflow
+
+    metadata = _mlflow_metadata(model)
+    if model.engine == "local":
+        import lightgbm as lgb
+        import mlflow.lightgbm
+
+        info = mlflow.lightgbm.log_model(
+            lgb.Booster(model_str=model.model),
+            name=artifact_path,
+            pip_requirements=[f"lightgbm=={lgb.__version__}", f"mlflow=={mlflow.__version__}"],
+            metadata=metadata,
+        )
+    elif model.engine == "spark-ml":
+        import mlflow.spark
+        import pyspark
+
+        info = mlflow.spark.log_model(
+            model.model,
+            artifact_path,
+            dfs_tmpdir=dfs_tmpdir,
+            pip_requirements=[f"pyspark=={pyspark.__version__}", f"mlflow=={mlflow.__version__}"],
+            metadata=metadata,
+        )
+    else:
+        raise ValueError(f"cannot log a model of engine {model.engine!r}")
+    return info.model_uri
+
+
+def load_model_mlflow(uri: str, engine: str, dfs_tmpdir: str | None = None) -> GBTModel:
+    """Load a model logged by :func:`log_model_mlflow` (``uri`` e.g. ``models:/<id>`` or
+    ``runs:/<run>/<path>``) as a :class:`GBTModel` ready for :func:`predict_gbt`.
+    ``engine`` must be the engine it was trained with; spark-ml needs the active
+    SparkSession (``dfs_tmpdir`` as for logging)."""
+    import mlflow
+
+    meta = (mlflow.models.get_model_info(uri).metadata or {}).get("citylake_gbt")
+    if meta is None:
+        raise ValueError(f"{uri} was not logged by citylake's log_model_mlflow (no citylake_gbt metadata)")
+    if meta["engine"] != engine:
+        raise ValueError(f"{uri} is a {meta['engine']} model, not {engine}")
+    if engine == "local":
+        import mlflow.lightgbm
+
+        fitted: Any = mlflow.lightgbm.load_model(uri).model_to_string()
+    else:
+        import mlflow.spark
+
+        fitted = mlflow.spark.load_model(uri, dfs_tmpdir=dfs_tmpdir)
+    return GBTModel(
+        region=meta["region"],
+        metric=meta["metric"],
+        engine=engine,
+        horizon=int(meta["horizon"]),
+        features=tuple(meta["features"]),
+        categories=tuple(meta["categories"]),
+        model=fitted,
+        importances=dict(meta["importances"]),
+        n_train=int(meta["n_train"]),
+        seconds=float(meta["seconds"]),
+        rmse=float(meta["rmse"]),
+    )
