@@ -9,10 +9,15 @@ dates to be recomputed (and MERGE makes that harmless).
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from typing import Callable, TypeVar
 
 from pyspark.sql import functions as F
 
 from citylake.lake import Lake
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def last_batch(lake: Lake, stage: str) -> int:
@@ -51,3 +56,25 @@ def pending_dates(lake: Lake, stage: str) -> tuple[list[dt.date], int]:
     dates = sorted({r["d"] for r in rows if r["d"] is not None})
     newest = max([since] + [int(r["batch_id"]) for r in rows])
     return dates, newest
+
+
+def run_pending(lake: Lake, stage: str, dates: list[dt.date] | None,
+                work: Callable[[list[dt.date], int | None], T], empty: Callable[[int | None], T]) -> T:
+    """Run a date-driven stage on ``dates``, or on its pending dates and then move its watermark.
+
+    ``work(dates, newest_batch)`` does the stage's job; ``empty(newest_batch)`` is its report
+    when there is nothing to do. Explicit ``dates`` (a backfill) leave the watermark alone.
+    Without pending dates the watermark still moves past batches that landed no rows.
+    """
+    newest: int | None = None
+    if dates is None:
+        dates, newest = pending_dates(lake, stage)
+    if dates:
+        report = work(sorted(set(dates)), newest)
+    else:
+        log.info("%s: no pending dates", stage)
+        report = empty(newest)
+    if newest is not None and (dates or newest > last_batch(lake, stage)):
+        set_last_batch(lake, stage, newest)
+        log.info("%s: watermark -> batch %d", stage, newest)
+    return report

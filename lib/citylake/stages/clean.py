@@ -18,7 +18,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from citylake.lake import Lake, in_list
-from citylake.state import last_batch, pending_dates, set_last_batch
+from citylake.state import run_pending
 from citylake.transforms.silver import SILVER_CONTENT_COLUMNS, build_silver
 
 log = logging.getLogger(__name__)
@@ -104,21 +104,8 @@ def run_clean(lake: Lake, dates: list[dt.date] | None = None) -> CleanReport:
     leave the watermark alone. Each date is recomputed with its neighbouring days
     (:func:`target_dates`), from bronze of those days ``± silver.context_days``.
     """
-    explicit = dates is not None
-    newest: int | None = None
-    if not explicit:
-        dates, newest = pending_dates(lake, STAGE)
-    report = CleanReport(newest_batch=newest)
-    if dates:
-        report = _clean_dates(lake, sorted(set(dates)), newest)
-    else:
-        log.info("clean: no pending dates")
-    if newest is not None and (dates or newest > last_batch(lake, STAGE)):
-        # Pending dates imply a newer batch; with none, batches may still have landed
-        # no rows (all quarantined) and the watermark must move past them.
-        set_last_batch(lake, STAGE, newest)
-        log.info("clean: watermark -> batch %d", newest)
-    return report
+    return run_pending(lake, STAGE, dates, lambda d, newest: _clean_dates(lake, d, newest),
+                       lambda newest: CleanReport(newest_batch=newest))
 
 
 def _clean_dates(lake: Lake, dates: list[dt.date], newest: int | None) -> CleanReport:

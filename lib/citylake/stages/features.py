@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from citylake.catalogue import ColumnSpec
 from citylake.lake import Lake, in_list
 from citylake.stages.clean import SPILL_DAYS
-from citylake.state import last_batch, pending_dates, set_last_batch
+from citylake.state import run_pending
 from citylake.transforms.features import (
     build_features,
     feature_columns,
@@ -76,20 +76,8 @@ def run_features(lake: Lake, dates: list[dt.date] | None = None) -> FeaturesRepo
     to the newest such batch once both tables are written. Explicit ``dates`` (backfill)
     leave the watermark alone. Lags / windows come from ``config.features`` (grid steps).
     """
-    explicit = dates is not None
-    newest: int | None = None
-    if not explicit:
-        dates, newest = pending_dates(lake, STAGE)
-    report = FeaturesReport(newest_batch=newest)
-    if dates:
-        report = _rebuild(lake, sorted(set(dates)), newest)
-    else:
-        log.info("features: no pending dates")
-    if newest is not None and (dates or newest > last_batch(lake, STAGE)):
-        # Pending dates imply a newer batch; see the clean stage.
-        set_last_batch(lake, STAGE, newest)
-        log.info("features: watermark -> batch %d", newest)
-    return report
+    return run_pending(lake, STAGE, dates, lambda d, newest: _rebuild(lake, d, newest),
+                       lambda newest: FeaturesReport(newest_batch=newest))
 
 
 def _rebuild(lake: Lake, dates: list[dt.date], newest: int | None) -> FeaturesReport:
