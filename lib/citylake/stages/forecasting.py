@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import tempfile
+from functools import reduce
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +133,9 @@ def _params(lake: Lake, **extra: Any) -> dict[str, Any]:
 
 def _log_children(trained: TrainedModels, metrics_rows: list | None, job: str) -> dict[tuple[str, str, str], str]:
     """One child run per region, metric and family; returns their run ids."""
-    import mlflow
-
     runs: dict[tuple[str, str, str], str] = {}
+    criterion = trained.coefficients.select("criterion").first()
+    criterion = criterion["criterion"] if criterion else None
     coef_summary = (
         trained.coefficients.groupBy("region", "metric")
         .agg(F.count(F.lit(1)).alias("n"), F.sum("n_train").alias("rows"), F.avg("p").alias("p"),
@@ -157,7 +158,7 @@ def _log_children(trained: TrainedModels, metrics_rows: list | None, job: str) -
             plain: dict[str, float] = {}
             if family == "ar" and (region, metric) in coef_by:
                 c = coef_by[(region, metric)]
-                params.update(series=c["n"], mean_p=c["p"], criterion_order=trained.coefficients.first()["criterion"])
+                params.update(series=c["n"], mean_p=c["p"], criterion_order=criterion)
                 plain.update(training_rows=c["rows"], series_fitted=c["ok"], mean_sigma=c["sigma"] or 0.0,
                              duration_s=trained.seconds.get("ar", 0.0))
             elif family == "gbt" and (region, metric) in by_model:
@@ -225,9 +226,7 @@ def _cross_conformal(rows: DataFrame, level: float, models: list[str]) -> DataFr
         calibration = target.where(F.col("fold") != fold)
         q = conformal.conformal_quantiles(calibration, level=level)
         parts.append(conformal.apply_conformal(target.where(F.col("fold") == fold), q, models=models))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.unionByName(p)
+    out = reduce(DataFrame.unionByName, parts)
     return out
 
 
@@ -465,9 +464,7 @@ def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = Non
             rows = baselines.seasonal_naive(series.select("sensor_id", "metric", "region", "ts", "value"), keys,
                                             horizon, season=fc.season)
         parts.append(rows.select(*baselines.FORECAST_COLUMNS).withColumn("run_id", F.lit(version.run_id)))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.unionByName(p)
+    out = reduce(DataFrame.unionByName, parts)
     calibration = lake.read("backtest_forecasts")
     q = conformal.conformal_quantiles(calibration, level=fc.interval_level)
     out = conformal.clip(conformal.apply_conformal(out, q), lake.catalogue)

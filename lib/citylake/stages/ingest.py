@@ -22,6 +22,7 @@ import datetime as dt
 import logging
 import re
 import time
+from functools import reduce
 from dataclasses import dataclass, field
 
 from pyspark import StorageLevel
@@ -126,9 +127,7 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
             raise IngestError(f"sensor registry file {f.path} lacks column(s) {missing}")
         parts.append(raw.withColumns({"source_file": F.lit(f.path),
                                       "effective_ts": F.lit(_effective_ts(f))}))
-    raw_all = parts[0]
-    for p in parts[1:]:
-        raw_all = raw_all.unionByName(p, allowMissingColumns=True)
+    raw_all = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), parts)
     rows = registry_rows(raw_all, required)
     repeated = rows.groupBy("source_file", "sensor_id").count().where("count > 1").collect()
     if repeated:
@@ -308,10 +307,7 @@ def _records(lake: Lake, groups: _FileGroups) -> DataFrame | None:
         parts.append(R.parquet_records(rows, "__file"))
     if not parts:
         return None
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.unionByName(p)
-    return out
+    return reduce(DataFrame.unionByName, parts)
 
 
 def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
