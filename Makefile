@@ -8,7 +8,7 @@ DELTA_ARTIFACTS := io.delta:delta-spark_4.2_2.13:$(DELTA_VERSION) io.delta:delta
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: help setup venv jars demo test test-fast bench clean-lake clean
+.PHONY: help setup venv jars demo test test-fast bench beijing-accuracy mlflow-ui clean-lake clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ test-fast: setup  ## unit tests only (no integration)
 
 bench: setup  ## ingest benchmark (figures go to bench/RESULTS.md by hand)
 	$(PY) bench/ingest_bench.py
+
+beijing-accuracy: setup  ## PM2.5 forecast accuracy on the real Beijing data -> bench/RESULTS_BEIJING.md
+	$(PY) bench/beijing_accuracy.py
+
+mlflow-ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 (runs, charts, registered champions)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
 
 clean-lake:  ## delete the local lake and MLflow store
 	rm -rf lake mlruns.db mlartifacts

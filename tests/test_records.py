@@ -21,7 +21,8 @@ def _lines(spark, lines, fmt="csv", source="f.csv"):
 
 def _typed(spark, catalogue, lines, fmt="csv"):
     df = _lines(spark, lines, fmt)
-    records = R.csv_records(df, HEADER) if fmt == "csv" else R.json_records(df)
+    required = catalogue.required_fields
+    records = R.csv_records(df, HEADER, required) if fmt == "csv" else R.json_records(df, required)
     known = spark.createDataFrame([("s1",), ("s2",)], "sensor_id string")
     return R.type_records(records, catalogue, known, NOW)
 
@@ -88,7 +89,7 @@ def test_parquet_rows_become_records(spark, catalogue):
         [("s1", dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc), "pm25", 7.0, "p.parquet")],
         "sensor_id string, ts timestamp, metric string, value double, f string",
     )
-    records = R.parquet_records(rows, "f")
+    records = R.parquet_records(rows, "f", catalogue.required_fields)
     known = spark.createDataFrame([("s1",)], "sensor_id string")
     typed = R.type_records(records, catalogue, known, NOW).first()
     assert typed["quarantine_reason"] is None

@@ -93,6 +93,8 @@ class TableSpec:
     unique_keys: str | None = None  # "critical" | "warning" | None
     time_column: str | None = None
     dynamic_columns: tuple[dict, ...] = ()
+    #: Columns OPTIMIZE clusters files by (Z-order), the keys analysts filter on.
+    zorder_by: tuple[str, ...] = ()
 
     @property
     def column_names(self) -> list[str]:
@@ -189,6 +191,7 @@ def _table(name: str, raw: dict[str, Any]) -> TableSpec:
         unique_keys=raw.get("unique_keys"),
         time_column=raw.get("time_column"),
         dynamic_columns=tuple(raw.get("dynamic_columns", [])),
+        zorder_by=tuple(raw.get("zorder_by", [])),
     )
 
 

@@ -6,7 +6,12 @@
     citylake clean                    # bronze -> silver for the dates new data touched
     citylake features                 # silver -> gold
     citylake run                      # all of the above, in order
-    citylake demo                     # generate (if empty) + run + a summary
+    citylake train                    # AR per series + GBT per region, tracked in MLflow
+    citylake backtest --horizon 24    # score every model on the last 20% of the data
+    citylake forecast                 # serve each region's champion
+    citylake score --date 2026-01-08  # forecasts of that day vs actuals -> forecast_accuracy
+    citylake maintain                 # OPTIMIZE + Z-order, VACUUM, table audit
+    citylake demo                     # generate (if empty) + run + train/backtest/forecast
     citylake status                   # tables, row counts, last batches
 
 Exit codes: 0 ok, 1 unexpected error, 2 bad input or configuration, 3 a critical
@@ -97,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bt = sub.add_parser("backtest", help="train up to a cutoff, forecast every origin after it, score, pick champions",
                         parents=[common])
-    bt.add_argument("--cutoff", type=_timestamp, required=True, help="UTC time training data ends (ISO-8601)")
+    bt.add_argument("--cutoff", type=_timestamp,
+                    help="UTC time training data ends (ISO-8601; default: the last "
+                         "forecast.backtest_test_fraction of the data is the test period)")
     bt.add_argument("--horizon", type=int, help="steps ahead (default: config forecast.horizon)")
     bt.add_argument("--stride", type=int, help="forecast from every K-th grid step after the cutoff (default 1)")
 
@@ -106,10 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--model", choices=["ar", "gbt", "persistence", "seasonal_naive"],
                     help="use this model family instead of the champions")
 
+    sc = sub.add_parser("score", help="score served forecasts against the actuals of a day -> forecast_accuracy",
+                        parents=[common])
+    sc.add_argument("--date", type=_date, help="UTC date of the forecast targets (default: newest date in gold)")
+
+    sub.add_parser("maintain", help="OPTIMIZE + Z-order, VACUUM (7 days kept) and audit every table",
+                   parents=[common])
+
     run = sub.add_parser("run", help="ingest, validate, clean, validate, features, validate", parents=[common])
     run.add_argument("--date", type=_date, help="restrict every stage to this date")
 
-    demo = sub.add_parser("demo", help="generate a sample city if the landing area is empty, run everything", parents=[common])
+    demo = sub.add_parser("demo", help="generate a sample city if the landing area is empty, run every stage, "
+                          "then train, backtest and forecast", parents=[common])
     demo.add_argument("--days", type=int, help="days of sample data (default: config)")
 
     sub.add_parser("status", help="tables, row counts and the last ingest batches", parents=[common])
@@ -228,12 +243,27 @@ def _dispatch(args: argparse.Namespace, config) -> int:
         else:
             result = forecasting.run_forecast(lake, horizon=args.horizon, model=args.model)
         _print_stage(args.command, result)
+    elif args.command == "score":
+        from citylake.stages.monitoring import run_score
+
+        _print_stage("score", run_score(lake, date))
+    elif args.command == "maintain":
+        from citylake.stages.maintenance import run_maintain
+
+        _print_stage("maintain", run_maintain(lake))
     elif args.command in ("run", "demo"):
         if args.command == "demo" and not _lake_has_landing(lake):
             if args.days:
                 config.generate.days = args.days
             _generate(args, config, catalogue)
         pipeline.run_pipeline(lake, date=date, progress=_print_stage)
+        if args.command == "demo":
+            from citylake.stages import forecasting
+
+            for name, job in (("train", forecasting.run_train), ("backtest", forecasting.run_backtest),
+                              ("forecast", forecasting.run_forecast)):
+                _print_stage(name, job(lake))
+            _say(f"MLflow: {config.mlflow.tracking_uri} (open the UI: make mlflow-ui)")
         _say()
         _status(lake)
     return EXIT_OK

@@ -132,10 +132,26 @@ class ForecastConfig:
     gbt_origin_stride: int = 1
     #: Backtest origins: every k-th grid step after the cutoff.
     backtest_stride: int = 1
+    #: Without ``--cutoff``, the backtest tests on this last share of gold's time span.
+    backtest_test_fraction: float = 0.2
     #: Seasonal naive season: "day", "week" or "auto".
     season: str = "auto"
+    #: ``citylake score`` warns when a region's RMSE over a day exceeds this many times
+    #: its latest backtest RMSE (same model and steps).
+    drift_ratio: float = 1.5
     #: Metrics to model (empty: every metric in gold).
     metrics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MaintenanceConfig:
+    """``citylake maintain``: OPTIMIZE / Z-order, VACUUM and the history audit."""
+
+    #: VACUUM keeps files newer than this (hours). Delta refuses less than 168 (7 days)
+    #: unless told otherwise: readers of older versions and time travel need them.
+    vacuum_retain_hours: int = 168
+    #: Tables with fewer data files than this are not optimized (nothing to compact).
+    optimize_min_files: int = 8
 
 
 @dataclass
@@ -161,6 +177,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def resolve(self, path: str) -> str:

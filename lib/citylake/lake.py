@@ -39,6 +39,9 @@ class Lake:
         self.config = config
         self.catalogue = catalogue or load_catalogue()
         self.root = config.lake_root
+        # Tables known to exist: a table is never dropped under a running job, and the
+        # check costs a Delta log lookup, so each is checked until first seen.
+        self._existing: set[str] = set()
 
     # -- locations -------------------------------------------------------------------
     def path(self, table: str) -> str:
@@ -62,7 +65,9 @@ class Lake:
         return self.catalogue.table(table)
 
     def exists(self, table: str) -> bool:
-        return DeltaTable.isDeltaTable(self.spark, self.path(table))
+        if table not in self._existing and DeltaTable.isDeltaTable(self.spark, self.path(table)):
+            self._existing.add(table)
+        return table in self._existing
 
     def ensure(self, table: str, extra_columns: list[ColumnSpec] | None = None) -> None:
         """Create the table empty, with its declared schema and partitioning, if missing."""
@@ -84,6 +89,7 @@ class Lake:
         if spec.partition_by:
             builder = builder.partitionedBy(*spec.partition_by)
         builder.execute()
+        self._existing.add(table)
         log.info("created table %s at %s", table, self.path(table))
 
     def conform(self, table: str, df: DataFrame, extra_columns: list[ColumnSpec] | None = None) -> DataFrame:
@@ -127,14 +133,27 @@ class Lake:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
         writer.save(self.path(table))
 
-    def overwrite(self, table: str, df: DataFrame) -> int:
-        """Replace the whole content of ``table`` with ``df`` in one commit."""
+    def overwrite(self, table: str, df: DataFrame, user_metadata: str | None = None) -> int:
+        """Replace the whole content of ``table`` with ``df`` in one commit.
+
+        ``user_metadata`` is stored in the commit (see :meth:`last_commit_metadata`).
+        """
         self.ensure(table)
         before = self.version(table)
-        (self.conform(table, df).write.format("delta").mode("overwrite")
-         # static: the whole table, even partitions absent from df (session default is dynamic)
-         .option("partitionOverwriteMode", "static").save(self.path(table)))
+        writer = (self.conform(table, df).write.format("delta").mode("overwrite")
+                  # static: the whole table, even partitions absent from df (session default is dynamic)
+                  .option("partitionOverwriteMode", "static"))
+        if user_metadata is not None:
+            writer = writer.option("userMetadata", user_metadata)
+        writer.save(self.path(table))
         return self.rows_written_since(table, before)
+
+    def last_commit_metadata(self, table: str) -> str | None:
+        """The ``userMetadata`` of the table's newest commit (None if none or no table)."""
+        if not self.exists(table):
+            return None
+        row = DeltaTable.forPath(self.spark, self.path(table)).history(1).select("userMetadata").first()
+        return row[0] if row else None
 
     def replace_where(self, table: str, df: DataFrame, condition: str,
                       extra_columns: list[ColumnSpec] | None = None) -> int:
@@ -168,6 +187,21 @@ class Lake:
             .collect()
         )
         return sum(int(r["n"] or 0) for r in hist)
+
+    # -- scratch space -------------------------------------------------------------------
+    def staging(self, *parts: str) -> str:
+        """A scratch folder under ``<lake>/_staging`` for a job's intermediate files.
+
+        On the lake's own file system, so it works on a cluster; the leading ``_`` hides
+        it from Spark and Delta readers.
+        """
+        return self.sub("_staging", *parts)
+
+    def remove(self, path: str) -> None:
+        """Delete ``path`` recursively if it exists (scratch folders only)."""
+        _, _, hpath, fs = self._open(path)
+        if fs.exists(hpath):
+            fs.delete(hpath, True)
 
     # -- landing area ----------------------------------------------------------------------
     def list_files(self, folder: str, min_age_s: float = 0.0) -> list[RawFile]:

@@ -530,6 +530,7 @@ def train_gbt(
     intervals: Mapping[str, int] | None = None,
     cross_metrics: Sequence[str] | None = None,
     sample_fraction: float = 1.0,
+    metrics: Sequence[str] | None = None,
 ) -> list[GBTModel]:
     """Train one GBT model per (region, metric) on a gold_features-shaped frame.
 
@@ -539,13 +540,18 @@ def train_gbt(
     ``parallelism``: groups trained at once (tasks of the local job; threads for
     spark-ml; 1 = one after another). ``intervals`` / ``cross_metrics`` /
     ``sample_fraction``: see :func:`citylake.forecast.gbt_data.training_set`.
+    ``metrics``: model only these metrics (default: all in ``gold``); ``gold`` should
+    still hold the others, which feed the ``x_<metric>`` features.
     Rows without a region are not used. Returns the models sorted by (region, metric).
     """
     params = params or GBTParams()
     if engine not in ENGINES:
         raise ValueError(f"unknown GBT engine {engine!r}; use one of {ENGINES}")
     cross = cross_metric_names() if cross_metrics is None else list(cross_metrics)
-    train = training_set(gold, horizon, intervals, cross, sample_fraction, params.seed).persist()
+    train = training_set(gold, horizon, intervals, cross, sample_fraction, params.seed)
+    if metrics:
+        train = train.where(F.col("metric").isin(list(metrics)))
+    train = train.persist()
     try:
         plans = plan_groups(train, numeric_feature_candidates(gold.columns, cross), engine, spark_min_rows)
         local = [p for p in plans if p.engine == "local"]

@@ -63,7 +63,8 @@ class ForecastReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        parts = [f"{self.job} run {self.run_id}"] + [f"{k} {v}" for k, v in self.rows.items()]
+        head = f"{self.job} run {self.run_id}" if self.run_id else self.job
+        parts = [head] + [f"{k} {v}" for k, v in self.rows.items()]
         text = ", ".join(parts) + f" [{self.seconds:.1f}s]"
         for region, metric, model, rmse in self.champions:
             text += f"\n        champion {region}/{metric}: {model} (rmse {rmse:.3f})"
@@ -77,14 +78,21 @@ def _utc(ts: dt.datetime | None) -> dt.datetime | None:
 
 
 def gold_history(lake: Lake, cutoff: dt.datetime | None = None) -> DataFrame:
-    """Gold features of the configured metrics, up to ``cutoff`` (inclusive) when given."""
+    """Gold features of every metric, up to ``cutoff`` (inclusive) when given.
+
+    Every metric stays in: the GBT's ``x_<metric>`` features read a station's other
+    metrics even when only some are modelled (see :func:`modelled`).
+    """
     gold = lake.read("gold_features")
-    metrics = lake.config.forecast.metrics
-    if metrics:
-        gold = gold.where(F.col("metric").isin(metrics))
     if cutoff is not None:
         gold = gold.where(F.col("ts") <= F.lit(_utc(cutoff)))
     return gold
+
+
+def modelled(lake: Lake, df: DataFrame) -> DataFrame:
+    """Rows of the metrics to forecast (config ``forecast.metrics``; empty: all)."""
+    metrics = lake.config.forecast.metrics
+    return df.where(F.col("metric").isin(metrics)) if metrics else df
 
 
 def _gbt_params(lake: Lake) -> gbt.GBTParams:
@@ -98,7 +106,7 @@ def train_models(lake: Lake, history: DataFrame, cutoff: dt.datetime | None) -> 
     seconds = {}
     started = time.monotonic()
     coefficients = ar_spark.fit_ar(
-        history, p=fc.ar_order, candidates=fc.ar_candidates or None, criterion=fc.ar_criterion
+        modelled(lake, history), p=fc.ar_order, candidates=fc.ar_candidates or None, criterion=fc.ar_criterion
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_series = coefficients.count()
     seconds["ar"] = time.monotonic() - started
@@ -108,7 +116,7 @@ def train_models(lake: Lake, history: DataFrame, cutoff: dt.datetime | None) -> 
     models = gbt.train_gbt(
         history, fc.horizon, engine=fc.gbt_engine, params=_gbt_params(lake),
         spark_min_rows=fc.gbt_spark_min_rows, parallelism=fc.gbt_parallelism,
-        sample_fraction=1.0 / stride,
+        sample_fraction=1.0 / stride, metrics=fc.metrics or None,
     )
     seconds["gbt"] = time.monotonic() - started
     log.info("GBT: %d region models (%s) in %.1fs", len(models),
@@ -230,6 +238,13 @@ def _cross_conformal(rows: DataFrame, level: float, models: list[str]) -> DataFr
     return out
 
 
+def _station_rows_at(history: DataFrame, keys: DataFrame) -> DataFrame:
+    """Gold rows of *every* metric of the keys' stations at the origin times: the GBT's
+    ``x_<metric>`` features need the station's other metrics at the origin."""
+    station_ts = keys.select("sensor_id", F.col("origin_ts").alias("ts")).distinct()
+    return history.join(station_ts, ["sensor_id", "ts"], "left_semi")
+
+
 def forecast_rows(lake: Lake, trained: TrainedModels, history: DataFrame, origins: DataFrame,
                   horizon: int) -> DataFrame:
     """Forecast rows of every family from ``origins`` (sensor_id, metric, origin_ts)."""
@@ -241,35 +256,56 @@ def forecast_rows(lake: Lake, trained: TrainedModels, history: DataFrame, origin
     parts = [ar_rows]
     if trained.gbt_models:
         horizon_gbt = min([horizon] + [m.horizon for m in trained.gbt_models])
-        station_ts = keys.select("sensor_id", F.col("origin_ts").alias("ts")).distinct()
-        at_origins = history.join(station_ts, ["sensor_id", "ts"], "left_semi")
-        parts.append(gbt.predict_gbt(trained.gbt_models, at_origins, horizon_gbt)
+        parts.append(gbt.predict_gbt(trained.gbt_models, _station_rows_at(history, keys), horizon_gbt)
                      .join(keys, ["sensor_id", "metric", "origin_ts"], "left_semi"))
     base_history = history.select("sensor_id", "metric", "region", "ts", "value")
     parts.append(baselines.persistence(base_history, keys, horizon, catalogue))
     parts.append(baselines.seasonal_naive(base_history, keys, horizon, catalogue, season=fc.season))
-    out = None
-    for p in parts:
-        p = p.select(*baselines.FORECAST_COLUMNS)
-        out = p if out is None else out.unionByName(p)
+    out = reduce(DataFrame.unionByName, [_forecast_shape(p) for p in parts])
     return conformal.clip(out, catalogue)
 
 
-def run_backtest(lake: Lake, cutoff: dt.datetime, horizon: int | None = None, stride: int | None = None) -> ForecastReport:
-    """Train on data up to ``cutoff``, forecast from every ``stride``-th step after it."""
+def _forecast_shape(rows: DataFrame) -> DataFrame:
+    """Forecast rows in :data:`baselines.FORECAST_COLUMNS` order; a model without its own
+    interval (GBT: split-conformal, added later) gets null bounds."""
+    for bound in ("y_lower", "y_upper"):
+        if bound not in rows.columns:
+            rows = rows.withColumn(bound, F.lit(None).cast("double"))
+    return rows.select(*baselines.FORECAST_COLUMNS)
+
+
+def default_cutoff(history: DataFrame, test_fraction: float) -> dt.datetime:
+    """The time that leaves the last ``test_fraction`` of ``history``'s span for testing,
+    floored to the hour (UTC)."""
+    if not 0 < test_fraction < 1:
+        raise CitylakeError(f"forecast.backtest_test_fraction must be in (0, 1), not {test_fraction}")
+    span = history.agg(F.min("ts").alias("lo"), F.max("ts").alias("hi")).first()
+    if span["lo"] is None:
+        raise CitylakeError("gold_features is empty: run the pipeline (citylake run) before forecasting")
+    lo, hi = _utc(span["lo"]), _utc(span["hi"])
+    return (lo + (hi - lo) * (1 - test_fraction)).replace(minute=0, second=0, microsecond=0)
+
+
+def run_backtest(lake: Lake, cutoff: dt.datetime | None = None, horizon: int | None = None,
+                 stride: int | None = None) -> ForecastReport:
+    """Train on data up to ``cutoff``, forecast from every ``stride``-th step after it.
+
+    Without ``cutoff`` the last ``forecast.backtest_test_fraction`` of the data is tested.
+    """
     started = time.monotonic()
     fc = lake.config.forecast
     horizon = horizon or fc.horizon
     stride = stride or fc.backtest_stride
-    cutoff = _utc(cutoff)
     history = gold_history(lake).persist(StorageLevel.MEMORY_AND_DISK)
+    cutoff = _utc(cutoff) or default_cutoff(history, fc.backtest_test_fraction)
+    log.info("backtest: cutoff %s, horizon %d, stride %d", cutoff.isoformat(), horizon, stride)
     train_part = history.where(F.col("ts") <= F.lit(cutoff))
     with tracking.parent_run(lake.config, "backtest",
                              _params(lake, cutoff=cutoff, horizon=horizon, stride=stride)) as run:
         run_id = run.info.run_id
         trained = train_models(lake, train_part, cutoff)
         _write_training_tables(lake, trained, run_id)
-        origins = backtest_origins(history, cutoff, stride, lake.catalogue).persist()
+        origins = backtest_origins(modelled(lake, history), cutoff, stride, lake.catalogue).persist()
         n_origins = origins.count()
         if n_origins == 0:
             raise CitylakeError(f"no backtest origins after cutoff {cutoff}: the data ends before it")
@@ -279,7 +315,7 @@ def run_backtest(lake: Lake, cutoff: dt.datetime, horizon: int | None = None, st
         rows = _cross_conformal(rows, fc.interval_level, ["gbt", "persistence", "seasonal_naive"])
         rows = rows.withColumns({"run_id": F.lit(run_id), "cutoff_ts": F.lit(cutoff)}).persist()
         lake.overwrite("backtest_forecasts", rows)
-        scale = evaluation.mase_scale(train_part.select("sensor_id", "metric", "region", "ts", "value"))
+        scale = evaluation.mase_scale(modelled(lake, train_part).select("sensor_id", "metric", "region", "ts", "value"))
         metrics = evaluation.backtest_metrics(rows, scale).withColumns(
             {"run_id": F.lit(run_id), "cutoff_ts": F.lit(cutoff)}).persist()
         lake.overwrite("backtest_metrics", metrics)
@@ -437,7 +473,7 @@ def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = Non
     if not champions:
         raise CitylakeError("no champions yet: run `citylake backtest --cutoff TS` first")
     history = gold_history(lake).persist(StorageLevel.MEMORY_AND_DISK)
-    origins = history.where(F.col("value").isNotNull()).groupBy("sensor_id", "metric").agg(
+    origins = modelled(lake, history).where(F.col("value").isNotNull()).groupBy("sensor_id", "metric").agg(
         F.max("ts").alias("origin_ts"))
     parts = []
     for c in champions:
@@ -455,15 +491,14 @@ def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = Non
             rows = rows.withColumn("model", F.lit("ar"))
         elif family == "gbt":
             loaded = gbt.load_model_mlflow(uri, engine=_engine_of(uri))
-            rows = gbt.predict_gbt([loaded], series.join(keys.withColumnRenamed("origin_ts", "ts"),
-                                                         ["sensor_id", "metric", "ts"], "left_semi"),
-                                   min(horizon, loaded.horizon))
+            rows = gbt.predict_gbt([loaded], _station_rows_at(history, keys), min(horizon, loaded.horizon))
+            rows = rows.join(keys, ["sensor_id", "metric", "origin_ts"], "left_semi")
         elif family == "persistence":
             rows = baselines.persistence(series.select("sensor_id", "metric", "region", "ts", "value"), keys, horizon)
         else:
             rows = baselines.seasonal_naive(series.select("sensor_id", "metric", "region", "ts", "value"), keys,
                                             horizon, season=fc.season)
-        parts.append(rows.select(*baselines.FORECAST_COLUMNS).withColumn("run_id", F.lit(version.run_id)))
+        parts.append(_forecast_shape(rows).withColumn("run_id", F.lit(version.run_id)))
     out = reduce(DataFrame.unionByName, parts)
     calibration = lake.read("backtest_forecasts")
     q = conformal.conformal_quantiles(calibration, level=fc.interval_level)

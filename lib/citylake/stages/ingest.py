@@ -18,6 +18,7 @@ batch, or of readings already in bronze). The stage checks it and fails loudly i
 from __future__ import annotations
 
 import csv
+import hashlib
 import datetime as dt
 import logging
 import re
@@ -25,8 +26,7 @@ import time
 from functools import reduce
 from dataclasses import dataclass, field
 
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 from citylake.errors import CitylakeError
@@ -117,6 +117,12 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
         log.warning("no sensor registry under %s: every reading will be quarantined as unknown_sensor",
                     lake.raw_sensors)
         return 0, False
+    # The files' names, sizes and times, kept in the sensors commit: when they have not
+    # changed since, the history cannot have either, and the rebuild is skipped.
+    fingerprint = "registry-files:" + hashlib.sha256(
+        "\n".join(f"{f.path}|{f.size}|{f.mtime.isoformat()}" for f in files).encode()).hexdigest()
+    if lake.last_commit_metadata("sensors") == fingerprint:
+        return lake.read("sensors").where("is_current").count(), False
     parts = []
     for f in files:
         if not f.path.lower().endswith((".csv", ".csv.gz")):
@@ -143,8 +149,8 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
     cols = lake.spec("sensors").column_names
     changed = (history.count() != current.count()
                or history.select(cols).exceptAll(current.select(cols)).limit(1).count() > 0)
-    if changed:
-        lake.overwrite("sensors", history)
+    if changed or lake.last_commit_metadata("sensors") != fingerprint:
+        lake.overwrite("sensors", history, user_metadata=fingerprint)
         log.info("sensor registry updated from %d file(s)", len(files))
     n_current = history.where("is_current").count()
     history.unpersist()
@@ -295,16 +301,17 @@ def _text_lines(lake: Lake, paths: list[str], fmt: str) -> DataFrame:
 def _records(lake: Lake, groups: _FileGroups) -> DataFrame | None:
     """All records of the readable files, in the common record shape."""
     parts: list[DataFrame] = []
+    required = lake.catalogue.required_fields
     for header, paths in groups.csv.items():
         lines = _text_lines(lake, paths, "csv")
         # The header is the first line of each file; a line equal to it is not a record.
         lines = lines.where(~F.col("raw_record").isin(sorted(groups.csv_header_lines[header])))
-        parts.append(R.csv_records(lines, list(header)))
+        parts.append(R.csv_records(lines, list(header), required))
     if groups.json:
-        parts.append(R.json_records(_text_lines(lake, groups.json, "json")))
+        parts.append(R.json_records(_text_lines(lake, groups.json, "json"), required))
     for paths in groups.parquet.values():
         rows = lake.spark.read.parquet(*paths).withColumn("__file", F.col("_metadata.file_path"))
-        parts.append(R.parquet_records(rows, "__file"))
+        parts.append(R.parquet_records(rows, "__file", required))
     if not parts:
         return None
     return reduce(DataFrame.unionByName, parts)
@@ -340,31 +347,65 @@ def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
     return found
 
 
-def _typed_records(lake: Lake, groups: _FileGroups, now: dt.datetime,
-                   registry_version: int | None = None) -> tuple[DataFrame | None, dict]:
-    """Parse and check every record, cached; returns (typed, per-reason counts incl. totals)."""
+def _stage_typed(lake: Lake, groups: _FileGroups, now: dt.datetime, registry_version: int | None,
+                 out: str) -> tuple[DataFrame | None, dict]:
+    """Parse and check every record once, writing them to the Parquet folder ``out``.
+
+    Returns (the staged records, counts): ``raw_rows``, one count per quarantine reason
+    that occurred, and ``dates``, the reading dates of accepted records. The counts are
+    gathered by ``observe`` while the staging file is written, so the batch's records
+    are parsed exactly once (a cached DataFrame cost more than this write and re-read).
+    """
     known = lake.read("sensors")
     if registry_version is not None and registry_version >= 0:
         known = lake.spark.read.format("delta").option("versionAsOf", registry_version).load(lake.path("sensors"))
     known = known.select("sensor_id")
+    reasons = lake.catalogue.record_reasons
+    reason = F.col("quarantine_reason")
     for attempt in (1, 2):
         records = _records(lake, groups)
         if records is None:
-            return None, {"raw_rows": 0}
-        typed = R.type_records(records, lake.catalogue, known, now).persist(StorageLevel.MEMORY_AND_DISK)
+            return None, {"raw_rows": 0, "dates": []}
+        typed = R.type_records(records, lake.catalogue, known, now)
+        observed = Observation()
+        metrics = [F.count(F.lit(1)).alias("raw_rows"),
+                   F.collect_set(F.when(reason.isNull(), F.col("reading_date"))).alias("dates")]
+        metrics += [F.sum((reason == code).cast("long")).alias(code) for code in reasons]
+        staged = typed.observe(observed, *metrics).withColumn(
+            # Accepted records keep their parsed fields; their raw text is not needed again.
+            "raw_record", F.when(reason.isNotNull(), F.col("raw_record")))
         try:
-            counts = typed.groupBy("quarantine_reason").count().collect()
+            staged.write.mode("overwrite").parquet(out)
         except Exception:
-            typed.unpersist()
             if attempt == 2 or _isolate_unreadable(lake, groups) == 0:
                 raise
             log.warning("some files failed mid-read; rejected them and re-reading the batch")
             continue
-        by_reason = {r["quarantine_reason"]: int(r["count"]) for r in counts}
-        summary = {"raw_rows": sum(by_reason.values())}
-        summary.update({k: v for k, v in by_reason.items() if k is not None})
-        return typed, summary
+        got = observed.get
+        counts = {"raw_rows": int(got["raw_rows"]), "dates": sorted(got["dates"])}
+        counts.update({code: int(got[code] or 0) for code in reasons if got[code]})
+        return lake.spark.read.parquet(out), counts
     raise AssertionError("unreachable")
+
+
+def _stage_unique(lake: Lake, typed: DataFrame, batch_id: int, dates: list[dt.date], out: str) -> tuple[DataFrame, dict]:
+    """Collapse exact duplicates and flag readings already in bronze; stage them in ``out``.
+
+    Returns (the staged unique readings, counts ``dup_in_batch``, ``dup_of_lake``,
+    ``accepted``). Only bronze partitions of ``dates`` are read for the lake check.
+    """
+    bronze = lake.read("bronze_readings")
+    # Same-batch rows are excluded so a resumed batch does not count itself as a duplicate.
+    existing = bronze.where(in_list("reading_date", dates) & (F.col("batch_id") != batch_id))
+    flagged = R.flag_lake_duplicates(R.collapse_exact_duplicates(typed), existing)
+    observed = Observation()
+    flagged.observe(
+        observed,
+        F.sum(F.col("copies") - 1).alias("dup_in_batch"),
+        F.sum(F.col("in_lake").cast("long")).alias("dup_of_lake"),
+        F.sum((~F.col("in_lake")).cast("long")).alias("accepted"),
+    ).write.mode("overwrite").parquet(out)
+    return lake.spark.read.parquet(out), {k: int(v or 0) for k, v in observed.get.items()}
 
 
 def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime | None = None,
@@ -372,41 +413,29 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
     """Ingest one claimed batch of files; safe to call again for the same batch.
 
     ``registry_version`` pins the sensors table version records are checked against.
+    Intermediate files live under ``<lake>/_staging/ingest/batch-<id>`` and are removed
+    when the batch is logged; a resumed batch rebuilds them.
     """
     started = time.monotonic()
     now = _aware(now) or utc_now()
     groups = _classify(lake, files)
-    typed, summary = _typed_records(lake, groups, now, registry_version)
+    scratch = lake.staging("ingest", f"batch-{batch_id}")
+    typed, summary = _stage_typed(lake, groups, now, registry_version, f"{scratch}/typed")
     raw_rows = summary.pop("raw_rows")
+    reading_dates = summary.pop("dates")
     quarantined = sum(summary.values())
 
     dup_in_batch = dup_of_lake = accepted = 0
-    reading_dates: list[dt.date] = []
     if typed is not None:
+        unique, counts = _stage_unique(lake, typed, batch_id, reading_dates, f"{scratch}/unique")
+        dup_in_batch, dup_of_lake, accepted = counts["dup_in_batch"], counts["dup_of_lake"], counts["accepted"]
+        if raw_rows != accepted + quarantined + dup_in_batch + dup_of_lake:
+            raise IngestError(
+                f"batch {batch_id}: accounting broken: raw {raw_rows} != accepted {accepted} + "
+                f"quarantined {quarantined} + duplicates {dup_in_batch + dup_of_lake}"
+            )
         lake.append("quarantine", R.quarantine_rows(typed, batch_id, now), txn=(f"{TXN_PREFIX}.quarantine", batch_id))
-        unique = R.collapse_exact_duplicates(typed).persist(StorageLevel.MEMORY_AND_DISK)
-        reading_dates = sorted(r[0] for r in unique.select("reading_date").distinct().collect())
-        bronze = lake.read("bronze_readings")
-        # Same-batch rows are excluded so a resumed batch does not count itself as a duplicate.
-        existing = bronze.where(in_list("reading_date", reading_dates) & (F.col("batch_id") != batch_id))
-        flagged = R.flag_lake_duplicates(unique, existing).persist(StorageLevel.MEMORY_AND_DISK)
-        agg = flagged.agg(
-            F.sum(F.col("copies") - 1).alias("dup_in_batch"),
-            F.sum(F.col("in_lake").cast("long")).alias("dup_of_lake"),
-            F.sum((~F.col("in_lake")).cast("long")).alias("accepted"),
-        ).first()
-        dup_in_batch = int(agg["dup_in_batch"] or 0)
-        dup_of_lake = int(agg["dup_of_lake"] or 0)
-        accepted = int(agg["accepted"] or 0)
-        lake.append("bronze_readings", R.bronze_rows(flagged, batch_id, now), txn=(f"{TXN_PREFIX}.bronze", batch_id))
-        for df in (flagged, unique, typed):
-            df.unpersist()
-
-    if raw_rows != accepted + quarantined + dup_in_batch + dup_of_lake:
-        raise IngestError(
-            f"batch {batch_id}: accounting broken: raw {raw_rows} != accepted {accepted} + "
-            f"quarantined {quarantined} + duplicates {dup_in_batch + dup_of_lake}"
-        )
+        lake.append("bronze_readings", R.bronze_rows(unique, batch_id, now), txn=(f"{TXN_PREFIX}.bronze", batch_id))
     if groups.rejected:
         rejected = lake.spark.createDataFrame(
             [(batch_id, p, reason, detail, now) for p, (reason, detail) in sorted(groups.rejected.items())],
@@ -428,6 +457,7 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
         rejected={p: r for p, (r, _) in groups.rejected.items()},
     )
     _log_batch(lake, report, now)
+    lake.remove(scratch)
     return report
 
 
