@@ -163,8 +163,8 @@ def test_mlflow_runs_params_and_artifacts(forecast_city):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == backtest.info.run_id]
     families = {r.data.tags.get("citylake.family") for r in children}
     assert {"ar", "gbt", "persistence", "seasonal_naive"} <= families
-    ar_child = [r for r in children if r.data.tags.get("citylake.family") == "ar"
-                and r.data.tags.get("citylake.region") == LAB][0]
+    by_name = {r.data.tags.get("mlflow.runName"): r for r in children}
+    ar_child = by_name[f"{LAB}/energy_kwh/ar"]
     assert ar_child.data.metrics["training_rows"] > 0 and "rmse" in ar_child.data.metrics
     client = MlflowClient()
     history = client.get_metric_history(ar_child.info.run_id, "rmse")
@@ -174,3 +174,6 @@ def test_mlflow_runs_params_and_artifacts(forecast_city):
     plots = {a.path for a in client.list_artifacts(backtest.info.run_id, f"plots/{LAB}")}
     assert any(p.endswith(".png") and "forecast_vs_actual" in p for p in plots)
     assert any(p.endswith(".png") and "metrics_by_step" in p for p in plots)
+    gbt_child = [r for name, r in by_name.items() if name.endswith("/gbt")][0]
+    charts = {a.path for a in client.list_artifacts(gbt_child.info.run_id, "plots")}
+    assert any("feature_importance" in p and p.endswith(".png") for p in charts)

@@ -182,8 +182,32 @@ def _log_children(trained: TrainedModels, metrics_rows: list | None, job: str) -
                                    step_metrics=step_metrics.get((region, metric, family)))
                 if family == "gbt":
                     gbt.log_model_mlflow(by_model[(region, metric)], "model")
+                    _log_importance_chart(by_model[(region, metric)])
                 runs[(region, metric, family)] = run.info.run_id
     return runs
+
+
+def _log_importance_chart(model: gbt.GBTModel, top: int = 20) -> None:
+    """Bar chart of the model's gain importances (top ``top``) in the active run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    ranked = sorted(model.importances.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    if not ranked:
+        return
+    names, values = zip(*reversed(ranked))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+    ax.barh(names, values)
+    ax.set(title=f"GBT feature importance (gain share): {model.region} / {model.metric}", xlabel="share of gain")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"feature_importance_{model.region}_{model.metric}.png"
+        fig.savefig(path, dpi=80)
+        mlflow.log_artifact(str(path), artifact_path="plots")
+    plt.close(fig)
 
 
 def run_train(lake: Lake, cutoff: dt.datetime | None = None) -> ForecastReport:
