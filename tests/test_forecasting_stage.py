@@ -177,3 +177,24 @@ def test_mlflow_runs_params_and_artifacts(forecast_city):
     gbt_child = [r for name, r in by_name.items() if name.endswith("/gbt")][0]
     charts = {a.path for a in client.list_artifacts(gbt_child.info.run_id, "plots")}
     assert any("feature_importance" in p and p.endswith(".png") for p in charts)
+
+
+def test_forecast_for_a_past_day_is_issued_from_its_end(forecast_city):
+    """``forecast --date D`` (what the daily DAG runs for its data interval): origins are the
+    series' last steps on or before D, targets follow D, and a re-run replaces its rows."""
+    lake, _ = forecast_city
+    day = (START + dt.timedelta(days=1)).date()
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+    args = ["--lake", str(lake.root), "-q", "forecast", "--horizon", str(HORIZON), "--date", day.isoformat()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CITYLAKE__MLFLOW__TRACKING_URI", lake.config.mlflow.tracking_uri)
+        mp.setenv("CITYLAKE__MLFLOW__ARTIFACT_ROOT", lake.config.mlflow.artifact_root)
+        assert main(args) == 0
+        past = lake.read("forecasts").where(F.col("origin_ts") < F.lit(end))
+        n_past = past.count()
+        assert main(args) == 0  # the same day again: replaced, not added
+    assert n_past > 0 and lake.read("forecasts").where(F.col("origin_ts") < F.lit(end)).count() == n_past
+    origins = past.select(F.max("origin_ts").alias("hi"), F.min("target_ts").alias("first")).first()
+    assert origins["hi"].date() == day and origins["first"] > origins["hi"]
+    lab = past.where(F.col("region") == LAB).select("origin_ts").distinct().collect()
+    assert [r["origin_ts"] for r in lab] == [dt.datetime(2026, 1, 6, 23, 45)]  # last 15-min step of the day

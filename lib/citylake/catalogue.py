@@ -150,9 +150,13 @@ class Catalogue:
         return None
 
 
-def schemas_dir() -> Path:
-    """The folder holding the schema YAML files (inside the installed package)."""
-    return Path(str(resources.files("citylake") / "schemas"))
+def schemas_dir() -> resources.abc.Traversable:
+    """The folder holding the schema YAML files, inside the installed package.
+
+    A ``Traversable``, not a ``Path``: under ``spark-submit --py-files citylake.zip`` the
+    package lives inside a zip file, where only ``importlib.resources`` can read it.
+    """
+    return resources.files("citylake") / "schemas"
 
 
 def _metric(name: str, raw: dict[str, Any]) -> MetricSpec:
@@ -201,7 +205,7 @@ def load_catalogue(folder: str | None = None) -> Catalogue:
     base = Path(folder) if folder else schemas_dir()
 
     def read(name: str) -> dict[str, Any]:
-        return yaml.safe_load((base / name).read_text())
+        return yaml.safe_load((base / name).read_text(encoding="utf-8"))
 
     metrics = {n: _metric(n, m) for n, m in read("metrics.yaml")["metrics"].items()}
     tables = {n: _table(n, t) for n, t in read("tables.yaml")["tables"].items()}

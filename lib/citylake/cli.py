@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fo = sub.add_parser("forecast", help="serve forecasts from each region's champion", parents=[common])
     fo.add_argument("--horizon", type=int, help="steps ahead (default: config forecast.horizon)")
+    fo.add_argument("--date", type=_date,
+                    help="issue the forecast as at the end of this UTC day: origins are each series' "
+                         "newest step on or before it (default: the newest data)")
     fo.add_argument("--model", choices=["ar", "gbt", "persistence", "seasonal_naive"],
                     help="use this model family instead of the champions")
 
@@ -241,7 +244,7 @@ def _dispatch(args: argparse.Namespace, config) -> int:
         elif args.command == "backtest":
             result = forecasting.run_backtest(lake, args.cutoff, horizon=args.horizon, stride=args.stride)
         else:
-            result = forecasting.run_forecast(lake, horizon=args.horizon, model=args.model)
+            result = forecasting.run_forecast(lake, horizon=args.horizon, model=args.model, date=args.date)
         _print_stage(args.command, result)
     elif args.command == "score":
         from citylake.stages.monitoring import run_score

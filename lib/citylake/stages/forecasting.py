@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 from citylake.errors import CitylakeError
 from citylake.forecast import ar_spark, baselines, conformal, evaluation, gbt, tracking
 from citylake.lake import Lake
+from citylake.pipeline import end_of_day
 
 log = logging.getLogger(__name__)
 
@@ -478,8 +479,13 @@ def latest_champions(lake: Lake) -> list:
             .where("_r = 1").drop("_r").collect())
 
 
-def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = None) -> ForecastReport:
+def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = None,
+                 date: dt.date | None = None) -> ForecastReport:
     """Forecast every series from its newest step with its region's champion (or ``model``).
+
+    With ``date`` (UTC) the origin is each series' newest step *on or before that day*,
+    as if the forecast were issued at the end of it: what a scheduled run for that data
+    interval issues, so re-running or backfilling a day gives the same rows.
 
     Champions come from the MLflow registry (``citylake-<region>-<metric>@champion``);
     AR intervals are analytic, the others use split-conformal quantiles from the latest
@@ -496,7 +502,10 @@ def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = Non
     champions = latest_champions(lake)
     if not champions:
         raise CitylakeError("no champions yet: run `citylake backtest --cutoff TS` first")
-    history = gold_history(lake).persist(StorageLevel.MEMORY_AND_DISK)
+    history = gold_history(lake)
+    if date is not None:
+        history = history.where(F.col("ts") < F.lit(end_of_day(date)))
+    history = history.persist(StorageLevel.MEMORY_AND_DISK)
     origins = modelled(lake, history).where(F.col("value").isNotNull()).groupBy("sensor_id", "metric").agg(
         F.max("ts").alias("origin_ts"))
     parts = []
@@ -535,6 +544,9 @@ def run_forecast(lake: Lake, horizon: int | None = None, model: str | None = Non
      .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
     out.unpersist()
     history.unpersist()
+    if n == 0:
+        log.warning("no forecasts issued: no modelled series has data%s",
+                    f" on or before {date.isoformat()}" if date else "")
     return ForecastReport("forecast", None, {"forecast_rows": n},
                           champions=[(c["region"], c["metric"], model or c["champion_model"], c["rmse"] or 0.0)
                                      for c in champions],
