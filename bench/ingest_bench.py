@@ -7,6 +7,9 @@ In one process and one Spark session (local[2] by default, from conf/local.yaml)
 1. writes N clean readings as CSV landing files, one folder per day (``--days``);
 2. (b) plain: ``spark.read.csv(all files).write.parquet`` - the floor for reading and
    writing the same data, no checks, no Delta, no lineage;
+   (c) and (d): the plain copy plus *one* thing the contract needs - dropping exact
+   duplicates (a shuffle), or a Delta table partitioned by date - to show what each
+   costs on its own;
 3. (a) citylake: ``run_ingest`` of the same files into an empty lake (one batch; the
    lake's empty tables are created before the clock starts, as a one-off set-up);
 4. day-30 test on a second lake: ingest day 1 alone, then days 2..29, then day 30 alone,
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyspark.sql import functions as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
@@ -100,6 +104,18 @@ def main() -> None:
     spark.read.option("header", True).schema(schema).csv(files).write.mode("overwrite").parquet(str(work / "plain"))
     plain_s = time.monotonic() - t
 
+    # Reference points between (b) and (a), each the plain copy plus one thing the ingest
+    # contract requires: (c) dropping exact duplicates (a shuffle of every reading), and
+    # (d) writing a Delta table partitioned by reading date instead of plain Parquet.
+    plain = spark.read.option("header", True).schema(schema).csv(files)
+    t = time.monotonic()
+    plain.dropDuplicates(["sensor_id", "ts", "metric", "value"]).write.mode("overwrite").parquet(str(work / "dedup"))
+    dedup_s = time.monotonic() - t
+    t = time.monotonic()
+    (plain.withColumn("reading_date", F.to_date(F.to_timestamp("ts"))).write.format("delta")
+     .partitionBy("reading_date").mode("overwrite").save(str(work / "delta")))
+    delta_s = time.monotonic() - t
+
     # Creating the empty tables is a one-off set-up of a new lake, not ingest work.
     lake_a_tables = Lake(spark, config)
     for table in INGEST_TABLES:
@@ -128,6 +144,8 @@ def main() -> None:
 
     rate_a, rate_b = n / citylake_s, n / plain_s
     print(f"(b) plain Spark CSV -> Parquet : {plain_s:7.1f}s  {rate_b:12,.0f} readings/s")
+    print(f"(c) plain + drop duplicates    : {dedup_s:7.1f}s  {n / dedup_s:12,.0f} readings/s   c/b {plain_s / dedup_s:.2f}")
+    print(f"(d) plain -> Delta by date      : {delta_s:7.1f}s  {n / delta_s:12,.0f} readings/s   d/b {plain_s / delta_s:.2f}")
     print(f"(a) citylake ingest -> bronze  : {citylake_s:7.1f}s  {rate_a:12,.0f} readings/s")
     print(f"ratio a/b (readings/s)         : {rate_a / rate_b:.2f}   (target >= 0.75)")
     print(f"day 1 into an empty lake       : {day1_s:7.1f}s")

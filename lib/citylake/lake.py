@@ -120,17 +120,20 @@ class Lake:
         df: DataFrame,
         txn: tuple[str, int] | None = None,
         extra_columns: list[ColumnSpec] | None = None,
+        user_metadata: str | None = None,
     ) -> None:
         """Append ``df`` to ``table``.
 
         ``txn=(app_id, version)`` makes the append idempotent: Delta skips a write whose
         app id already committed that version, so a job resumed after a crash cannot
-        append the same batch twice.
+        append the same batch twice. ``user_metadata`` is stored in the commit.
         """
         self.ensure(table, extra_columns)
         writer = self.conform(table, df, extra_columns).write.format("delta").mode("append")
         if txn:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+        if user_metadata is not None:
+            writer = writer.option("userMetadata", user_metadata)
         writer.save(self.path(table))
 
     def overwrite(self, table: str, df: DataFrame, user_metadata: str | None = None) -> int:
@@ -154,6 +157,12 @@ class Lake:
             return None
         row = DeltaTable.forPath(self.spark, self.path(table)).history(1).select("userMetadata").first()
         return row[0] if row else None
+
+    def commit_metadata_since(self, table: str, version: int, limit: int = 20) -> list[str]:
+        """The ``userMetadata`` of the table's commits after ``version`` (newest ``limit``)."""
+        rows = (DeltaTable.forPath(self.spark, self.path(table)).history(limit)
+                .where(F.col("version") > version).select("userMetadata").collect())
+        return [r[0] for r in rows if r[0] is not None]
 
     def replace_where(self, table: str, df: DataFrame, condition: str,
                       extra_columns: list[ColumnSpec] | None = None) -> int:

@@ -178,32 +178,41 @@ def plan_batches(lake: Lake, date: dt.date | None = None) -> list[BatchPlan]:
     records are judged exactly as in the attempt that died (some tables may already hold
     that attempt's rows).
     """
-    claimed = lake.read("ingest_files").select(
-        "batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version").collect()
-    logged = {r["batch_id"] for r in lake.read("ingest_log").select("batch_id").collect()}
+    # Only what planning needs reaches the driver: the claims of unfinished batches, the
+    # claims under the folder being listed, and the highest batch id (ingest_files grows
+    # with the lake; a daily `--date` run should not collect all of it).
+    files_table = lake.read("ingest_files").select(
+        "batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version")
+    logged = lake.read("ingest_log").select("batch_id")
     plans: list[BatchPlan] = []
     unfinished: dict[int, BatchPlan] = {}
-    for r in claimed:
-        if r["batch_id"] not in logged:
-            mtime = r["file_mtime"].replace(tzinfo=dt.timezone.utc) if r["file_mtime"] else None
-            plan = unfinished.setdefault(r["batch_id"], BatchPlan(
-                r["batch_id"], [], True, r["planned_ts"].replace(tzinfo=dt.timezone.utc), r["registry_version"]))
-            plan.files.append(RawFile(r["file_path"], r["file_size"], mtime))
+    for r in files_table.join(logged, "batch_id", "left_anti").collect():
+        mtime = r["file_mtime"].replace(tzinfo=dt.timezone.utc) if r["file_mtime"] else None
+        plan = unfinished.setdefault(r["batch_id"], BatchPlan(
+            r["batch_id"], [], True, r["planned_ts"].replace(tzinfo=dt.timezone.utc), r["registry_version"]))
+        plan.files.append(RawFile(r["file_path"], r["file_size"], mtime))
     for batch_id in sorted(unfinished):
         unfinished[batch_id].files.sort(key=lambda f: f.path)
         plans.append(unfinished[batch_id])
 
     folder = lake.raw_readings + (f"/date={date.isoformat()}" if date else "")
-    seen = {r["file_path"]: r for r in claimed}
+    listed = lake.list_files(folder, lake.config.ingest.min_file_age_s)
+    in_folder = files_table
+    if date and listed:
+        # Claimed paths are stored as listed (fully qualified): cut the folder out of one.
+        marker = f"/date={date.isoformat()}/"
+        prefix = listed[0].path[: listed[0].path.index(marker) + len(marker)]
+        in_folder = files_table.where(F.col("file_path").startswith(prefix))
+    seen = {r["file_path"]: r for r in (in_folder.collect() if listed else [])}
+    next_id = max(files_table.agg(F.max("batch_id")).first()[0] or 0, max(unfinished, default=0)) + 1
     new_files = []
-    for f in lake.list_files(folder, lake.config.ingest.min_file_age_s):
+    for f in listed:
         old = seen.get(f.path)
         if old is None:
             new_files.append(f)
         elif old["file_size"] != f.size:
             log.warning("%s changed size after it was ingested (batch %s); it is not re-ingested: "
                         "land corrections as new files", f.path, old["batch_id"])
-    next_id = max([0] + [r["batch_id"] for r in claimed]) + 1
     step = lake.config.ingest.max_files_per_batch
     for i in range(0, len(new_files), step):
         plans.append(BatchPlan(next_id, new_files[i:i + step], False))
@@ -388,24 +397,39 @@ def _stage_typed(lake: Lake, groups: _FileGroups, now: dt.datetime, registry_ver
     raise AssertionError("unreachable")
 
 
-def _stage_unique(lake: Lake, typed: DataFrame, batch_id: int, dates: list[dt.date], out: str) -> tuple[DataFrame, dict]:
-    """Collapse exact duplicates and flag readings already in bronze; stage them in ``out``.
+def _append_bronze(lake: Lake, typed: DataFrame, batch_id: int, dates: list[dt.date],
+                   now: dt.datetime) -> dict:
+    """Collapse exact duplicates, drop readings already in bronze, append the rest.
 
-    Returns (the staged unique readings, counts ``dup_in_batch``, ``dup_of_lake``,
-    ``accepted``). Only bronze partitions of ``dates`` are read for the lake check.
+    One pass from the staged records to the bronze commit: the counts (``dup_in_batch``,
+    ``dup_of_lake``, ``accepted``) are observed while bronze is written (staging the
+    unique readings first cost a write and a read of every reading). Only bronze
+    partitions of ``dates`` are read for the lake check.
+
+    A resumed batch whose bronze append already committed (Delta skips it by its txn id,
+    so nothing is observed) gets its counts from the same DataFrame by an aggregation;
+    the commit's ``userMetadata`` marker says which case it is.
     """
     bronze = lake.read("bronze_readings")
     # Same-batch rows are excluded so a resumed batch does not count itself as a duplicate.
     existing = bronze.where(in_list("reading_date", dates) & (F.col("batch_id") != batch_id))
     flagged = R.flag_lake_duplicates(R.collapse_exact_duplicates(typed), existing)
-    observed = Observation()
-    flagged.observe(
-        observed,
+    metrics = [
         F.sum(F.col("copies") - 1).alias("dup_in_batch"),
         F.sum(F.col("in_lake").cast("long")).alias("dup_of_lake"),
         F.sum((~F.col("in_lake")).cast("long")).alias("accepted"),
-    ).write.mode("overwrite").parquet(out)
-    return lake.spark.read.parquet(out), {k: int(v or 0) for k, v in observed.get.items()}
+    ]
+    marker = f"{TXN_PREFIX}.bronze batch {batch_id}"
+    before = lake.version("bronze_readings")
+    observed = Observation()
+    lake.append("bronze_readings", R.bronze_rows(flagged.observe(observed, *metrics), batch_id, now),
+                txn=(f"{TXN_PREFIX}.bronze", batch_id), user_metadata=marker)
+    if marker in lake.commit_metadata_since("bronze_readings", before):
+        counts = observed.get
+    else:
+        log.info("batch %d: bronze append was already committed; counting it again", batch_id)
+        counts = flagged.agg(*metrics).first().asDict()
+    return {k: int(v or 0) for k, v in counts.items()}
 
 
 def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime | None = None,
@@ -427,15 +451,16 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
 
     dup_in_batch = dup_of_lake = accepted = 0
     if typed is not None:
-        unique, counts = _stage_unique(lake, typed, batch_id, reading_dates, f"{scratch}/unique")
+        lake.append("quarantine", R.quarantine_rows(typed, batch_id, now), txn=(f"{TXN_PREFIX}.quarantine", batch_id))
+        counts = _append_bronze(lake, typed, batch_id, reading_dates, now)
         dup_in_batch, dup_of_lake, accepted = counts["dup_in_batch"], counts["dup_of_lake"], counts["accepted"]
+        # Checked before the log row: a batch that breaks it is never logged as done, and
+        # the message says so (it would be a bug in citylake, not in the data).
         if raw_rows != accepted + quarantined + dup_in_batch + dup_of_lake:
             raise IngestError(
                 f"batch {batch_id}: accounting broken: raw {raw_rows} != accepted {accepted} + "
                 f"quarantined {quarantined} + duplicates {dup_in_batch + dup_of_lake}"
             )
-        lake.append("quarantine", R.quarantine_rows(typed, batch_id, now), txn=(f"{TXN_PREFIX}.quarantine", batch_id))
-        lake.append("bronze_readings", R.bronze_rows(unique, batch_id, now), txn=(f"{TXN_PREFIX}.bronze", batch_id))
     if groups.rejected:
         rejected = lake.spark.createDataFrame(
             [(batch_id, p, reason, detail, now) for p, (reason, detail) in sorted(groups.rejected.items())],

@@ -60,8 +60,9 @@ def csv_records(lines: DataFrame, header: list[str], required: Sequence[str], de
     """
     names = list(header) + [_OVERFLOW]
     schema = ", ".join(f"`{n}` STRING" for n in names)
-    row = F.from_csv(F.col("raw_record"), schema, {"sep": delimiter, "mode": "PERMISSIVE"})
-    return lines.select(
+    parsed = _parse_once(lines, F.from_csv(F.col("raw_record"), schema, {"sep": delimiter, "mode": "PERMISSIVE"}))
+    row = F.col(_PARSED)
+    return parsed.select(
         "source_file",
         "source_format",
         "raw_record",
@@ -71,14 +72,28 @@ def csv_records(lines: DataFrame, header: list[str], required: Sequence[str], de
     )
 
 
+_PARSED = "__parsed__"
+
+
+def _parse_once(lines: DataFrame, parser: Column) -> DataFrame:
+    """``lines`` with the parsed record as one column, so the parser runs once per line.
+
+    Referenced several times in one projection (one per field), ``from_csv`` /
+    ``from_json`` were evaluated once per reference: the plan held ten parser calls per
+    line, and parsing cost 1.5x more (measured in ``bench/ingest_bench.py``).
+    """
+    return lines.select("source_file", "source_format", "raw_record", parser.alias(_PARSED))
+
+
 def json_records(lines: DataFrame, required: Sequence[str]) -> DataFrame:
     """JSON-lines records; a line that is not one JSON object is not parsed.
 
     Non-string JSON values (numbers, booleans) arrive as their JSON text.
     """
-    obj = F.from_json(F.col("raw_record"), T.MapType(T.StringType(), T.StringType()))
+    parsed = _parse_once(lines, F.from_json(F.col("raw_record"), T.MapType(T.StringType(), T.StringType())))
+    obj = F.col(_PARSED)
     extra = F.map_filter(obj, lambda k, v: ~k.isin(list(required)))
-    return lines.select(
+    return parsed.select(
         "source_file",
         "source_format",
         "raw_record",
