@@ -134,26 +134,35 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
         parts.append(raw.withColumns({"source_file": F.lit(f.path),
                                       "effective_ts": F.lit(_effective_ts(f))}))
     raw_all = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), parts)
-    rows = registry_rows(raw_all, required)
-    repeated = rows.groupBy("source_file", "sensor_id").count().where("count > 1").collect()
+    # Registries are small (one row per sensor and file): cached, the checks and the
+    # history below are cheap jobs instead of re-reading every file for each.
+    rows = registry_rows(raw_all, required).persist()
+    repeated = rows.groupBy("source_file", "sensor_id").count().where("count > 1").limit(20).collect()
     if repeated:
         listed = ", ".join(f"{r['sensor_id']} in {r['source_file']}" for r in repeated[:20])
         raise IngestError(f"sensor registry lists a sensor twice in one file: {listed}")
     bad = invalid_registry_rows(rows).select("source_file", "sensor_id", "region", "lat", "lon").collect()
+    if repeated or bad:
+        rows.unpersist()
     if bad:
         listed = "\n".join(f"  {r['source_file']}: sensor_id={r['sensor_id']!r} region={r['region']!r} "
                            f"lat={r['lat']} lon={r['lon']}" for r in bad[:20])
         raise IngestError(f"{len(bad)} invalid sensor registry row(s) (empty id/region or bad lat/lon):\n{listed}")
     history = registry_history(rows).persist()
-    current = lake.read("sensors")
     cols = lake.spec("sensors").column_names
-    changed = (history.count() != current.count()
-               or history.select(cols).exceptAll(current.select(cols)).limit(1).count() > 0)
-    if changed or lake.last_commit_metadata("sensors") != fingerprint:
-        lake.overwrite("sensors", history, user_metadata=fingerprint)
+    if lake.version("sensors") <= 0:  # created empty, never written: no comparison needed
+        changed = True
+    else:
+        current = lake.read("sensors")
+        changed = (history.count() != current.count()
+                   or history.select(cols).exceptAll(current.select(cols)).limit(1).count() > 0)
+    # The fingerprint is stored with every write, so unchanged files skip all of this next time.
+    lake.overwrite("sensors", history, user_metadata=fingerprint)
+    if changed:
         log.info("sensor registry updated from %d file(s)", len(files))
     n_current = history.where("is_current").count()
     history.unpersist()
+    rows.unpersist()
     return n_current, changed
 
 
@@ -178,15 +187,29 @@ def plan_batches(lake: Lake, date: dt.date | None = None) -> list[BatchPlan]:
     records are judged exactly as in the attempt that died (some tables may already hold
     that attempt's rows).
     """
-    # Only what planning needs reaches the driver: the claims of unfinished batches, the
-    # claims under the folder being listed, and the highest batch id (ingest_files grows
-    # with the lake; a daily `--date` run should not collect all of it).
-    files_table = lake.read("ingest_files").select(
-        "batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version")
-    logged = lake.read("ingest_log").select("batch_id")
+    # Only what planning needs reaches the driver, in two small queries: the logged batch
+    # ids (one row per batch), then the claims of unfinished batches plus the claims under
+    # the folder being listed (ingest_files grows with every file ever landed; a daily
+    # `--date` run should not collect all of it).
+    logged = sorted(r["batch_id"] for r in lake.read("ingest_log").select("batch_id").collect())
+    folder = lake.raw_readings + (f"/date={date.isoformat()}" if date else "")
+    listed = lake.list_files(folder, lake.config.ingest.min_file_age_s)
+    unfinished_or_listed = ~in_list("batch_id", logged)
+    if listed:
+        in_folder = F.lit(True)
+        if date:
+            # Claimed paths are stored as listed (fully qualified): cut the folder out of one.
+            marker = f"/date={date.isoformat()}/"
+            in_folder = F.col("file_path").startswith(listed[0].path[: listed[0].path.index(marker) + len(marker)])
+        unfinished_or_listed = unfinished_or_listed | in_folder
+    claimed = lake.read("ingest_files").where(unfinished_or_listed).select(
+        "batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version").collect()
+    done = set(logged)
     plans: list[BatchPlan] = []
     unfinished: dict[int, BatchPlan] = {}
-    for r in files_table.join(logged, "batch_id", "left_anti").collect():
+    for r in claimed:
+        if r["batch_id"] in done:
+            continue
         mtime = r["file_mtime"].replace(tzinfo=dt.timezone.utc) if r["file_mtime"] else None
         plan = unfinished.setdefault(r["batch_id"], BatchPlan(
             r["batch_id"], [], True, r["planned_ts"].replace(tzinfo=dt.timezone.utc), r["registry_version"]))
@@ -195,16 +218,9 @@ def plan_batches(lake: Lake, date: dt.date | None = None) -> list[BatchPlan]:
         unfinished[batch_id].files.sort(key=lambda f: f.path)
         plans.append(unfinished[batch_id])
 
-    folder = lake.raw_readings + (f"/date={date.isoformat()}" if date else "")
-    listed = lake.list_files(folder, lake.config.ingest.min_file_age_s)
-    in_folder = files_table
-    if date and listed:
-        # Claimed paths are stored as listed (fully qualified): cut the folder out of one.
-        marker = f"/date={date.isoformat()}/"
-        prefix = listed[0].path[: listed[0].path.index(marker) + len(marker)]
-        in_folder = files_table.where(F.col("file_path").startswith(prefix))
-    seen = {r["file_path"]: r for r in (in_folder.collect() if listed else [])}
-    next_id = max(files_table.agg(F.max("batch_id")).first()[0] or 0, max(unfinished, default=0)) + 1
+    seen = {r["file_path"]: r for r in claimed}
+    # Every claimed batch is logged or unfinished, so this is above every id ever used.
+    next_id = max([0, *logged, *unfinished]) + 1
     new_files = []
     for f in listed:
         old = seen.get(f.path)
