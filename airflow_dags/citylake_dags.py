@@ -190,16 +190,26 @@ class CitylakeSubmitOperator(SparkSubmitOperator):
             raise
 
 
-def _default_args(timeout_hours: float) -> dict[str, Any]:
-    return {
-        "owner": "citylake",
-        "retries": RETRIES,
-        "retry_delay": dt.timedelta(minutes=5),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": dt.timedelta(minutes=30),
-        "execution_timeout": dt.timedelta(hours=timeout_hours),
-        "pool": POOL,
-    }
+def citylake_dag(dag_id: str, cron: str, timeout_hours: float, **kwargs: Any) -> DAG:
+    """A citylake DAG: UTC cron data intervals from ``START``, no catch-up, one run at a
+    time, every task retried ``RETRIES`` times and stopped after ``timeout_hours``."""
+    return DAG(
+        dag_id=dag_id,
+        schedule=CronDataIntervalTimetable(cron, timezone="UTC"),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args={
+            "owner": "citylake",
+            "retries": RETRIES,
+            "retry_delay": dt.timedelta(minutes=5),
+            "retry_exponential_backoff": True,
+            "max_retry_delay": dt.timedelta(minutes=30),
+            "execution_timeout": dt.timedelta(hours=timeout_hours),
+            "pool": POOL,
+        },
+        **kwargs,
+    )
 
 
 DAILY_DOC = """
@@ -213,14 +223,9 @@ day's accuracy rows. A critical validation failure (exit 3) stops the run withou
 Late files for an old date: re-run that date (`airflow backfill create ... --reprocess-behavior completed`).
 """
 
-with DAG(
-    dag_id="citylake_daily",
+with citylake_dag(
+    "citylake_daily", "0 1 * * *", timeout_hours=2,
     description="ingest -> validate -> clean -> validate -> features -> validate -> forecast -> score, for one UTC day",
-    schedule=CronDataIntervalTimetable("0 1 * * *", timezone="UTC"),
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=_default_args(timeout_hours=2),
     params={"forecast_horizon": Param(None, type=["null", "integer"], minimum=1,
                                       description="forecast steps ahead (empty: config forecast.horizon)")},
     dagrun_timeout=dt.timedelta(hours=12),
@@ -245,14 +250,9 @@ with DAG(
                                doc_md="forecasts whose target is on {{ ds }} vs actuals -> gold/forecast_accuracy"),
     )
 
-with DAG(
-    dag_id="citylake_weekly",
+with citylake_dag(
+    "citylake_weekly", "0 3 * * 0", timeout_hours=6,
     description="train every model on gold, backtest on the last 20% and pick the champions",
-    schedule=CronDataIntervalTimetable("0 3 * * 0", timezone="UTC"),
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=_default_args(timeout_hours=6),
     params={
         "train_cutoff": Param(None, type=["null", "string"], description="ISO-8601 UTC time training ends (empty: all data)"),
         "backtest_cutoff": Param(None, type=["null", "string"],
@@ -274,14 +274,9 @@ with DAG(
         }),
     )
 
-with DAG(
-    dag_id="citylake_maintenance",
+with citylake_dag(
+    "citylake_maintenance", "0 5 * * 0", timeout_hours=4,
     description="OPTIMIZE + Z-order, VACUUM (7 days kept) and audit every Delta table",
-    schedule=CronDataIntervalTimetable("0 5 * * 0", timezone="UTC"),
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=_default_args(timeout_hours=4),
     tags=["citylake", "spark", "delta", "maintenance"],
     doc_md="Weekly: one day of appends makes few small files, so compacting once a week keeps reads "
     "fast; VACUUM keeps 7 days of history. Runs Sunday 05:00 UTC, after the daily run (01:00) and "
