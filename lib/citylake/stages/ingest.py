@@ -138,12 +138,13 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
     # history below are cheap jobs instead of re-reading every file for each.
     rows = registry_rows(raw_all, required).persist()
     repeated = rows.groupBy("source_file", "sensor_id").count().where("count > 1").limit(20).collect()
-    if repeated:
-        listed = ", ".join(f"{r['sensor_id']} in {r['source_file']}" for r in repeated[:20])
-        raise IngestError(f"sensor registry lists a sensor twice in one file: {listed}")
-    bad = invalid_registry_rows(rows).select("source_file", "sensor_id", "region", "lat", "lon").collect()
+    bad = [] if repeated else invalid_registry_rows(rows).select(
+        "source_file", "sensor_id", "region", "lat", "lon").collect()
     if repeated or bad:
         rows.unpersist()
+    if repeated:
+        listed = ", ".join(f"{r['sensor_id']} in {r['source_file']}" for r in repeated)
+        raise IngestError(f"sensor registry lists a sensor twice in one file: {listed}")
     if bad:
         listed = "\n".join(f"  {r['source_file']}: sensor_id={r['sensor_id']!r} region={r['region']!r} "
                            f"lat={r['lat']} lon={r['lon']}" for r in bad[:20])
