@@ -147,6 +147,39 @@ def test_cross_metrics_and_target_calendar(spark):
     assert origins.count() == 2 * 2  # two series x two steps
 
 
+def test_change_cross_change_and_season_features(spark):
+    silver = synthetic_silver(spark, regions=1, sensors=1, steps=60, metrics=("pm25", "temperature"))
+    gold = gold_of(silver)
+    rows = training_set(gold, 1, INTERVALS).toPandas()
+    pm = rows[rows["metric"] == "pm25"].set_index("origin_ts")
+    g = gold.toPandas()
+    temp = g[g["metric"] == "temperature"].set_index("ts")
+    # Own changes over every gold lag; cross changes only over lags >= 3 (LAGS = 1, 2, 24).
+    assert np.allclose((pm["value"] - pm["lag_2"]).dropna(), pm["change_2"].dropna())
+    assert pm["change_24"].notna().sum() == pm["lag_24"].notna().sum() > 0
+    t = temp.loc[pm.index]
+    assert np.allclose((t["value"] - t["lag_24"]).to_numpy(), pm["x_temperature_change_24"].to_numpy(), equal_nan=True)
+    assert np.allclose(t["roll_mean_24"].to_numpy(), pm["x_temperature_mean_24"].to_numpy(), equal_nan=True)
+    assert "x_temperature_change_2" not in rows.columns and "x_temperature_change_1" not in rows.columns
+    # Season of the target: a fraction of the mean tropical year since the epoch.
+    year = 365.2425 * 86400
+    seconds = (rows["target_ts"] - pd.Timestamp("1970-01-01")).dt.total_seconds()  # toPandas: naive UTC
+    angle = 2 * np.pi * (seconds % year) / year
+    assert np.allclose(rows["target_doy_sin"], np.sin(angle)) and np.allclose(rows["target_doy_cos"], np.cos(angle))
+    # Day of week only for metrics with a weekly cycle (catalogue): not pm25 or temperature.
+    assert rows["target_dow_sin"].isna().all()
+    weekly = training_set(gold, 1, INTERVALS, weekly_metrics=["pm25"]).toPandas()
+    dow = ((weekly["target_ts"] - pd.Timestamp("1970-01-05")).dt.days % 7).to_numpy()  # a Monday: 0
+    pm_rows = (weekly["metric"] == "pm25").to_numpy()
+    assert np.allclose(weekly.loc[pm_rows, "target_dow_sin"], np.sin(2 * np.pi * dow[pm_rows] / 7))
+    assert weekly.loc[~pm_rows, "target_dow_sin"].isna().all()
+    # A group leaves out every x_ column of its own metric.
+    plans = gbt.plan_groups(training_set(gold, 1, INTERVALS), numeric_feature_candidates(gold.columns, ["pm25", "temperature"]), "local", 10**9)
+    pm_plan = [p for p in plans if p.metric == "pm25"][0]
+    assert not [f for f in pm_plan.numeric_features if f.startswith("x_pm25")]
+    assert "x_temperature_change_24" in pm_plan.numeric_features
+
+
 def test_sample_fraction_is_deterministic_and_about_the_share(gold):
     full = training_set(gold, HORIZON, INTERVALS).count()
     half = training_set(gold, HORIZON, INTERVALS, sample_fraction=0.5)
@@ -186,6 +219,26 @@ def test_plan_groups_routes_and_selects_features(spark):
     assert "x_pm10" not in pm.numeric_features  # null in every row
     assert "x_temperature" not in plans[("r1", "pm25")].numeric_features  # r1 has no temperature
     assert plans[("r0", "pm25")].categories == ("r0s0", "r0s1")
+    # Routing by the rows of one step-block fit: 2 blocks halve what one fit holds.
+    halved = {p.key: p.engine for p in gbt.plan_groups(train, candidates, "auto", 150, n_blocks=2)}
+    assert halved == {k: ("spark-ml" if (n + 1) // 2 >= 150 else "local") for k, n in sizes.items()}
+
+
+def test_step_blocks_cover_the_horizon():
+    assert gbt.step_blocks(4, 1) == ((1, 1), (2, 2), (3, 3), (4, 4))
+    assert gbt.step_blocks(5, 2) == ((1, 2), (3, 4), (5, 5))
+    assert gbt.step_blocks(3, 0) == ((1, 3),) == gbt.step_blocks(3, 7)
+    blocks = gbt.step_blocks(5, 2)
+    assert gbt.block_of(np.array([1, 2, 3, 5, 9]), blocks).tolist() == [0, 0, 1, 2, 2]
+    with pytest.raises(ValueError):
+        gbt.step_blocks(0, 1)
+
+
+def test_a_block_without_rows_is_served_by_its_nearest_fitted_block():
+    assert gbt.nearest_fitted([True, False, False, True]) == [0, 0, 3, 3]
+    assert gbt.nearest_fitted([False, True, False]) == [1, 1, 1]
+    with pytest.raises(ValueError):
+        gbt.nearest_fitted([False, False])
 
 
 def test_assign_buckets_balances_rows():
@@ -241,6 +294,29 @@ def test_both_engines_train_and_predict_the_same_table(trained, gold):
     # Both forecasts follow the daily cycle, so they agree far better than its amplitude.
     both = tables["local"].alias("a").join(tables["spark-ml"].alias("b"), ["sensor_id", "step"])
     assert both.select(F.max(F.abs(F.col("a.y_pred") - F.col("b.y_pred")))).first()[0] < 10
+
+
+def test_one_model_per_step_by_default_and_one_for_all_on_request(trained, gold):
+    local, spark_ml = trained["local"][0], trained["spark-ml"][0]
+    for m in (local, spark_ml):
+        assert m.blocks == ((1, 1), (2, 2), (3, 3))
+    assert len(local.model) == 3 and len(set(local.model)) == 3  # three different boosters
+    gbt_stages = [s for s in spark_ml.model.stages if type(s).__name__ == "GBTRegressionModel"]
+    assert len(gbt_stages) == 3
+    pooled = gbt.train_gbt(gold, 3, engine="local", params=gbt.GBTParams(n_trees=5, steps_per_model=0))
+    assert pooled[0].blocks == ((1, 3),) and len(pooled[0].model) == 1
+    assert gbt.predict_gbt(pooled, at_origin(gold, 300), 3).count() == 6 * 3
+
+
+def test_steps_beyond_the_training_history_use_the_nearest_steps_model(spark):
+    # Three hourly points: origins reach step 2 at most, so step 3 has no training rows.
+    ts = pd.date_range(START, periods=3, freq="h")
+    pdf = pd.DataFrame({"sensor_id": "a", "metric": "pm25", "region": "r", "ts": ts, "value_clean": [1.0, 2.0, 4.0]})
+    gold = gold_of(silver_frame(spark, pdf))
+    [model] = gbt.train_gbt(gold, 3, engine="local", params=gbt.GBTParams(n_trees=2, min_rows_per_leaf=1))
+    assert model.blocks == ((1, 1), (2, 2), (3, 3)) and model.model[2] == model.model[1]
+    pred = gbt.predict_gbt([model], gold.where(F.col("ts") == F.lit(ts[-1])), 3).toPandas()
+    assert sorted(pred["step"]) == [1, 2, 3] and pred["y_pred"].notna().all()
 
 
 def test_unseen_sensor_still_gets_a_forecast(trained, gold):
@@ -299,5 +375,12 @@ def test_mlflow_round_trip_predicts_the_same(mlflow_store, trained, gold, engine
     after = gbt.predict_gbt([loaded], origins, 3).orderBy("sensor_id", "step").toPandas()
     assert len(before) == 3 * 3
     pd.testing.assert_frame_equal(before, after)
+    assert loaded.blocks == model.blocks
+    if engine == "local":  # the logged pyfunc forecasts by itself, outside Spark
+        from citylake.forecast.gbt_data import origin_rows as rows_of
+
+        frame = rows_of(origins.where(F.col("region") == model.region), 3, INTERVALS).orderBy("sensor_id", "step").toPandas()
+        direct = mlflow.pyfunc.load_model(uri).predict(frame)
+        assert np.allclose(direct, before[before["sensor_id"].str.startswith(model.region)]["y_pred"].to_numpy())
     with pytest.raises(ValueError, match="not"):
         gbt.load_model_mlflow(uri, "local" if engine == "spark-ml" else "spark-ml")

@@ -69,6 +69,8 @@ class MetricSpec:
     outlier_k: float
     outlier_min_dev: float
     domain: str
+    #: Follows the days of the week (traffic, energy); false where weather drives it.
+    weekly_cycle: bool = True
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ def _metric(name: str, raw: dict[str, Any]) -> MetricSpec:
         outlier_k=float(raw["outlier_k"]),
         outlier_min_dev=float(raw["outlier_min_dev"]),
         domain=raw.get("domain", ""),
+        weekly_cycle=bool(raw.get("weekly_cycle", True)),
     )
 
 

@@ -321,7 +321,11 @@ def _report_failure(exc: Exception, debug: bool) -> int:
         if debug:
             log.exception("traceback")
         return EXIT_INPUT
-    log.error("unexpected error: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    try:
+        message = str(exc).splitlines()[0] if str(exc) else ""
+    except Exception:  # noqa: BLE001 - a Py4J error whose JVM is gone cannot even print itself
+        message = "(no message: the Spark JVM is gone, probably out of memory)"
+    log.error("unexpected error: %s: %s", type(exc).__name__, message)
     if debug:
         log.exception("traceback")
     else:

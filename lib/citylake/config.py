@@ -121,11 +121,19 @@ class ForecastConfig:
     interval_level: float = 0.9
     #: "auto" | "local" | "spark-ml"; auto routes each region by its training rows.
     gbt_engine: str = "auto"
-    #: Regions with at least this many training rows go to Spark ML (see bench/RESULTS_GBT.md).
+    #: Regions with at least this many training rows per step model go to Spark ML (bench/RESULTS_GBT.md).
     gbt_spark_min_rows: int = 5_000_000
-    gbt_trees: int = 200
-    gbt_max_depth: int = 6
+    #: Tree settings (bench/RESULTS_BEIJING.md: small trees, one model per step, row and
+    #: feature subsampling beat bigger pooled models on real data).
+    gbt_trees: int = 300
+    gbt_max_depth: int = 4
     gbt_learning_rate: float = 0.05
+    gbt_min_rows_per_leaf: int = 50
+    gbt_subsample: float = 0.8
+    gbt_feature_fraction: float = 0.8
+    #: Consecutive steps sharing one model: 1 = one model per step (direct strategy),
+    #: 0 = one model for every step with the step as a feature.
+    gbt_steps_per_model: int = 1
     #: Regions trained at once by the spark-ml engine (threads submitting Spark jobs).
     gbt_parallelism: int = 2
     #: Origins per series kept for GBT training rows (every k-th grid step).

@@ -16,19 +16,22 @@ spends its splits on what moves the series (mean reversion, the daily cycle, wea
 :attr:`GBTModel.target` records which one a model learnt (models logged before this
 was added learnt the level).
 
-Multi-step strategy: *direct, with the step as a feature*. The rows of steps 1..H are
-stacked and one model per group learns ``y_(t+h) = f(features at t, h, calendar of
-t+h)``. Chosen over one model per step because it is one fit per group instead of H
-(H = 24 on hourly data would mean 24x the fits and 24 model artifacts per group), the
-trees share what steps have in common (level, daily cycle via the target-hour
-features) and split on ``step`` where they differ, and there is no recursion, so errors
-do not compound. The cost is H x the rows per fit; ``sample_fraction`` of
-:func:`train_gbt` subsamples (origin, step) rows to bound it.
+Multi-step strategy: *direct, one model per step* (by default; ``steps_per_model`` of
+:class:`GBTParams`). The rows of steps 1..H are stacked, and each block of
+``steps_per_model`` consecutive steps gets its own model ``y_(t+h) = f(features at t,
+h, calendar of t+h)`` (within a block the step is a feature). There is no recursion,
+so errors do not compound. One pooled model for all steps (``steps_per_model=0``) is
+one fit instead of H, but on Beijing PM2.5 it lost to persistence at step 1 (+14%)
+where per-step models win (-13%), and at 24 h it was 19.7% below persistence against
+21.5% for the per-step models (bench/RESULTS_BEIJING.md): the pooled trees spend their
+splits on the long steps. Per-step fits cost about the same in total (each sees 1/H of
+the rows); a group's models travel together (one GBTModel, one MLflow model).
 
-Features: the series' own gold columns at ``t`` (value, lags, rolling mean/std),
-``region_mean`` at ``t``, ``step``, hour/dow sin/cos of the target time, for air /
-weather stations the station's other metrics at ``t`` (``x_<metric>``), and the sensor
-as a categorical feature named ``sensor``:
+Features: the series' own gold columns at ``t`` (value, lags, rolling mean/std, changes
+over each lag), ``region_mean`` at ``t``, ``step``, hour/dow/day-of-year sin/cos of the
+target time, for air / weather stations the station's other metrics at ``t`` with their
+recent changes and daily means (``x_<metric>*``, see :mod:`citylake.forecast.gbt_data`),
+and the sensor as a categorical feature named ``sensor``:
 
 * ``local``: integer code = position of the sensor id in the group's sorted sensor list
   (:attr:`GBTModel.categories`), declared categorical to LightGBM; a sensor unseen in
@@ -56,15 +59,17 @@ Engines
   ``parallelism`` tasks train concurrently and no task gets two large groups by hash
   collision. Each group returns its model text (``Booster.model_to_string``), gain
   importances, rows, fit seconds and in-sample RMSE.
-* ``spark-ml``: a ``pyspark.ml`` Pipeline (SQLTransformer, StringIndexer,
-  VectorAssembler, GBTRegressor) per group; ``parallelism`` groups are fitted at once,
+* ``spark-ml``: a ``pyspark.ml`` PipelineModel (SQLTransformer, StringIndexer,
+  VectorAssembler, one GBTRegressor per step block, a SQLTransformer picking the
+  block's prediction) per group; ``parallelism`` groups are fitted at once,
   each from its own thread of a ``ThreadPoolExecutor``, in its own scheduler pool
   (``sc.setLocalProperty("spark.scheduler.pool", ...)``). Pools only share the cluster
   fairly when the session was built with :data:`FAIR_SCHEDULER_CONF`
   (``spark.scheduler.mode=FAIR``); under the default FIFO the first group's jobs take
   every free core and the others wait (a warning is logged).
-* ``auto`` (default): per group, ``spark-ml`` when its training rows are at least
-  ``spark_min_rows``, else ``local`` (:func:`choose_engine`). On 2 local cores Spark ML
+* ``auto`` (default): per group, ``spark-ml`` when the training rows of one of its fits
+  (a step block: ``n_train / blocks``) are at least ``spark_min_rows``, else ``local``
+  (:func:`choose_engine`). On 2 local cores Spark ML
   was never close to LightGBM (6-33x slower, ``bench/RESULTS_GBT.md``), hence the
   large default :data:`DEFAULT_SPARK_MIN_ROWS`: Spark ML is for groups too big for one
   Python worker's memory, where it is the only engine that scales out.
@@ -92,7 +97,6 @@ from pyspark.sql import types as T
 
 from citylake.catalogue import ColumnSpec, TableSpec
 from citylake.forecast.gbt_data import (
-    CROSS_PREFIX,
     GROUP,
     ORIGIN_TS,
     SENSOR_FEATURE,
@@ -102,6 +106,7 @@ from citylake.forecast.gbt_data import (
     cross_metric_names,
     numeric_feature_candidates,
     origin_rows,
+    own_cross_features,
     training_set,
 )
 
@@ -124,10 +129,12 @@ POOL_PREFIX = "citylake-gbt"
 SPARK_MISSING = -1.0e9
 
 _BUCKET = "_bucket"
+_BLOCK = "_block"
 _FILLED = "_f_"
 _SENSOR_INDEX = "_sensor_idx"
 _VECTOR = "_features"
 _PREDICTION = "prediction"  # MLflow's pyfunc wrapper of a Spark model reads this column
+_BLOCK_PREDICTION = "_prediction_block_"
 
 PREDICTION_COLUMNS = ("model", "sensor_id", "metric", "region", ORIGIN_TS, TARGET_TS, STEP, "y_pred")
 _PREDICTION_SCHEMA = T.StructType(
@@ -146,11 +153,12 @@ _LOCAL_FIT_SCHEMA = T.StructType(
     [
         T.StructField("region", T.StringType()),
         T.StructField("metric", T.StringType()),
+        T.StructField("block", T.IntegerType()),
         T.StructField("model_text", T.StringType()),
         T.StructField("gains", T.ArrayType(T.DoubleType())),
         T.StructField("n_train", T.LongType()),
         T.StructField("seconds", T.DoubleType()),
-        T.StructField("rmse", T.DoubleType()),
+        T.StructField("sse", T.DoubleType()),
     ]
 )
 
@@ -198,8 +206,10 @@ class GBTParams:
     ``n_trees`` boosting rounds; ``learning_rate`` shrinkage; ``max_depth`` tree depth
     (LightGBM gets ``num_leaves = 2**max_depth`` so both engines grow trees of the same
     size); ``min_rows_per_leaf``; ``subsample`` share of rows per tree (1 = all);
-    ``max_bins`` histogram bins per feature (Spark ML raises it per group to fit the
-    sensor categories); ``seed``.
+    ``feature_fraction`` share of features per tree (1 = all); ``max_bins`` histogram
+    bins per feature (Spark ML raises it per group to fit the sensor categories);
+    ``steps_per_model``: consecutive steps sharing one model (1 = one model per step,
+    0 = one model for all steps; :func:`step_blocks`); ``seed``.
     """
 
     n_trees: int = 100
@@ -207,7 +217,9 @@ class GBTParams:
     max_depth: int = 5
     min_rows_per_leaf: int = 20
     subsample: float = 1.0
+    feature_fraction: float = 1.0
     max_bins: int = 64
+    steps_per_model: int = 1
     seed: int = 42
 
     def lightgbm_kwargs(self) -> dict[str, Any]:
@@ -227,7 +239,35 @@ class GBTParams:
         }
         if self.subsample < 1:
             kwargs.update(subsample=self.subsample, subsample_freq=1)
+        if self.feature_fraction < 1:
+            kwargs.update(colsample_bytree=self.feature_fraction)
         return kwargs
+
+
+def step_blocks(horizon: int, steps_per_model: int) -> tuple[tuple[int, int], ...]:
+    """The (first, last) steps of each model of a group: blocks of ``steps_per_model``
+    consecutive steps of 1..``horizon`` (the last block may be shorter); ``0`` or a
+    value >= ``horizon`` gives one block of every step."""
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    size = horizon if steps_per_model <= 0 else min(steps_per_model, horizon)
+    return tuple((lo, min(lo + size - 1, horizon)) for lo in range(1, horizon + 1, size))
+
+
+def block_of(steps: np.ndarray, blocks: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Index into ``blocks`` of each step (steps beyond the last block get the last)."""
+    ends = np.asarray([hi for _, hi in blocks])
+    return np.minimum(np.searchsorted(ends, np.asarray(steps), side="left"), len(blocks) - 1)
+
+
+def nearest_fitted(fitted: Sequence[bool]) -> list[int]:
+    """For each block, the block whose model serves it: itself when it was fitted, else
+    the nearest fitted block (the earlier one on a tie). A block has no rows to fit
+    when no series reached that far ahead in training (history shorter than the step)."""
+    have = [i for i, ok in enumerate(fitted) if ok]
+    if not have:
+        raise ValueError("no block has training rows")
+    return [i if fitted[i] else min(have, key=lambda j: (abs(j - i), j)) for i in range(len(fitted))]
 
 
 @dataclass(frozen=True)
@@ -237,7 +277,10 @@ class GBTModel:
     ``features``: model inputs in order (numeric columns of the training set, then
     ``sensor``); ``categories``: sorted sensor ids seen in training (the ``sensor``
     codes of the local engine); ``model``: LightGBM model text (``local``) or a
-    ``pyspark.ml.PipelineModel`` (``spark-ml``); ``importances``: feature -> share of
+    ``pyspark.ml.PipelineModel`` (``spark-ml``); for ``local`` a tuple of LightGBM
+    model texts, one per entry of ``blocks`` (the (first, last) steps each serves);
+    a spark-ml PipelineModel holds one GBT stage per block and picks the block's
+    prediction itself; ``importances``: feature -> share of
     total gain (sums to 1; all 0 for a model without any split); ``n_train`` training
     rows; ``seconds`` fit wall time; ``rmse`` in-sample RMSE in the metric's unit.
     """
@@ -255,6 +298,13 @@ class GBTModel:
     rmse: float
     #: ``change`` (target y - value at the origin) or ``level`` (target y).
     target: str = "change"
+    #: (first, last) step of each block model; empty = one model for steps 1..horizon.
+    blocks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def step_blocks(self) -> tuple[tuple[int, int], ...]:
+        """``blocks``, or the single block of every step for a model without blocks."""
+        return self.blocks or ((1, self.horizon),)
 
     @property
     def numeric_features(self) -> list[str]:
@@ -308,19 +358,22 @@ def assign_buckets(sizes: Sequence[int], n_buckets: int) -> list[int]:
 
 
 def plan_groups(
-    train: DataFrame, candidates: Sequence[str], engine: str, spark_min_rows: int
+    train: DataFrame, candidates: Sequence[str], engine: str, spark_min_rows: int, n_blocks: int = 1
 ) -> list[GroupPlan]:
     """One aggregation over the training set: rows, sensors and non-null count of every
-    candidate feature per group; routes each group (:func:`choose_engine`)."""
+    candidate feature per group; routes each group (:func:`choose_engine`) by the rows
+    of one of its ``n_blocks`` step-block fits (``n_train / n_blocks``): the local
+    engine holds one block's rows in a Python worker at a time."""
     aggs = [F.count(F.lit(1)).alias("_n"), F.array_sort(F.collect_set("sensor_id")).alias("_sensors")]
     aggs += [F.count(F.col(c)).alias(f"_nn{i}") for i, c in enumerate(candidates)]
     plans = []
     for row in train.groupBy(*GROUP).agg(*aggs).collect():
-        own = CROSS_PREFIX + row["metric"]  # the group's own metric again: same as value
-        features = tuple(c for i, c in enumerate(candidates) if row[f"_nn{i}"] > 0 and c != own)
+        own = own_cross_features(candidates, row["metric"])  # the group's own metric again
+        features = tuple(c for i, c in enumerate(candidates) if row[f"_nn{i}"] > 0 and c not in own)
         n = int(row["_n"])
         plans.append(
-            GroupPlan(row["region"], row["metric"], n, features, tuple(row["_sensors"]), choose_engine(n, engine, spark_min_rows))
+            GroupPlan(row["region"], row["metric"], n, features, tuple(row["_sensors"]),
+                      choose_engine(math.ceil(n / max(1, n_blocks)), engine, spark_min_rows))
         )
     return sorted(plans, key=lambda p: p.key)
 
@@ -360,46 +413,96 @@ def _normalise(values: Sequence[float]) -> list[float]:
 
 
 def fit_lightgbm(
-    pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str], params: GBTParams
-) -> tuple[str, list[float], float]:
-    """Fit one group's LightGBM on its training rows (pandas; target column ``y``).
-    Returns (model text, gain importance per feature incl. ``sensor``, in-sample RMSE)."""
+    pdf: pd.DataFrame,
+    numeric: Sequence[str],
+    categories: Sequence[str],
+    params: GBTParams,
+    blocks: Sequence[tuple[int, int]] | None = None,
+) -> tuple[list[str], list[float], float]:
+    """Fit one group's LightGBM models on its training rows (pandas; target column
+    ``y``; with ``blocks`` a step column ``step``), one per step block (default: one
+    model for all rows).
+    Returns (model text per block, gain importance per feature incl. ``sensor`` summed
+    over the blocks, in-sample RMSE over all rows). A block without rows is served by
+    its nearest fitted block (:func:`nearest_fitted`)."""
     import lightgbm as lgb
 
     X = _design(pdf, numeric, categories)
     y = pdf[TARGET].to_numpy(dtype="float64")
-    model = lgb.LGBMRegressor(**params.lightgbm_kwargs())
-    model.fit(X, y, categorical_feature=[SENSOR_FEATURE])
-    booster = model.booster_
-    rmse = float(np.sqrt(np.mean((booster.predict(X) - y) ** 2)))
-    gains = booster.feature_importance(importance_type="gain").astype(float).tolist()
-    return booster.model_to_string(), gains, rmse
+    if blocks:
+        which = block_of(pdf[STEP].to_numpy(), blocks)
+    else:
+        blocks, which = [(1, 1)], np.zeros(len(y), dtype=int)
+    texts: list[str | None] = [None] * len(blocks)
+    gains = np.zeros(X.shape[1])
+    fitted = np.zeros(len(y))
+    for i in range(len(blocks)):
+        rows = which == i
+        if not rows.any():
+            continue
+        booster = lgb.LGBMRegressor(**params.lightgbm_kwargs()).fit(
+            X[rows], y[rows], categorical_feature=[SENSOR_FEATURE]
+        ).booster_
+        texts[i] = booster.model_to_string()
+        gains += booster.feature_importance(importance_type="gain")
+        fitted[rows] = booster.predict(X[rows])
+    served = nearest_fitted([t is not None for t in texts])
+    rmse = float(np.sqrt(np.mean((fitted - y) ** 2)))
+    return [str(texts[j]) for j in served], gains.tolist(), rmse
+
+
+def predict_lightgbm(
+    boosters: Sequence[Any], pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str],
+    blocks: Sequence[tuple[int, int]],
+) -> np.ndarray:
+    """The models' outputs for the rows of ``pdf`` (feature columns, ``sensor_id``,
+    ``step``): each row by the booster of its step's block (``boosters`` aligned with
+    ``blocks``). The model's target units: a change model's output is not yet added to
+    the origin value."""
+    X = _design(pdf, numeric, categories)
+    which = block_of(pdf[STEP].to_numpy(), blocks)
+    out = np.empty(len(pdf))
+    for i in np.unique(which):
+        rows = which == i
+        out[rows] = boosters[i].predict(X[rows])
+    return out
 
 
 def _local_fit_fn(
-    specs: Mapping[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]], params: GBTParams
+    specs: Mapping[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]],
+    params: GBTParams,
 ) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
-    """The applyInPandas function: ``specs`` = group -> (numeric features, sensors)."""
+    """The applyInPandas function, called once per group and step block (key: bucket,
+    region, metric, block); ``specs`` = group -> (numeric features, sensors)."""
 
     def fit(key: tuple, pdf: pd.DataFrame) -> pd.DataFrame:
-        region, metric = key[1], key[2]
+        region, metric, block = key[1], key[2], int(key[3])
         numeric, categories = specs[(region, metric)]
         start = time.perf_counter()
-        text, gains, rmse = fit_lightgbm(pdf, numeric, categories, params)
+        texts, gains, rmse = fit_lightgbm(pdf, numeric, categories, params)
         seconds = time.perf_counter() - start
         return pd.DataFrame(
             {
                 "region": [region],
                 "metric": [metric],
-                "model_text": [text],
+                "block": [block],
+                "model_text": texts,
                 "gains": [gains],
                 "n_train": [len(pdf)],
                 "seconds": [seconds],
-                "rmse": [rmse],
+                "sse": [rmse**2 * len(pdf)],
             }
         )
 
     return fit
+
+
+def block_index_column(blocks: Sequence[tuple[int, int]]) -> Column:
+    """The index into ``blocks`` of each row's ``step`` (as :func:`block_of`)."""
+    index = F.lit(len(blocks) - 1)
+    for i in reversed(range(len(blocks) - 1)):
+        index = F.when(F.col(STEP) <= blocks[i][1], i).otherwise(index)
+    return index
 
 
 def partition_keys(spark: SparkSession, n: int) -> list[int]:
@@ -429,7 +532,9 @@ def _train_local(
     train: DataFrame, plans: Sequence[GroupPlan], params: GBTParams, horizon: int, parallelism: int
 ) -> list[GBTModel]:
     """Fit every group of ``plans`` with LightGBM in one Spark job of
-    ``min(parallelism, groups)`` tasks (buckets, see the module doc)."""
+    ``min(parallelism, groups)`` tasks (buckets, see the module doc). Each call of the
+    UDF fits one step block of one group, so a Python worker holds one block's rows
+    (1/H of the group's with one model per step), not the whole group's."""
     spark = train.sparkSession
     n_buckets = max(1, min(parallelism, len(plans)))
     buckets = assign_buckets([p.n_train for p in plans], n_buckets)
@@ -437,19 +542,26 @@ def _train_local(
     mapping = spark.createDataFrame(
         [(p.region, p.metric, keys[b]) for p, b in zip(plans, buckets)], f"region string, metric string, {_BUCKET} int"
     )
+    blocks = step_blocks(horizon, params.steps_per_model)
     columns = sorted({c for p in plans for c in p.numeric_features})
     data = (
-        train.select(*GROUP, "sensor_id", TARGET, *columns)
+        train.select(*GROUP, "sensor_id", STEP, TARGET, *[c for c in columns if c != STEP])
+        .withColumn(_BLOCK, block_index_column(blocks))
         .join(F.broadcast(mapping), list(GROUP))
         .repartition(n_buckets, _BUCKET)
     )
     specs = {p.key: (p.numeric_features, p.categories) for p in plans}
-    spark.sparkContext.setJobDescription(f"gbt local: {len(plans)} groups in {n_buckets} tasks")
-    rows = data.groupBy(_BUCKET, *GROUP).applyInPandas(_local_fit_fn(specs, params), _LOCAL_FIT_SCHEMA).collect()
-    by_key = {p.key: p for p in plans}
-    models = []
+    spark.sparkContext.setJobDescription(f"gbt local: {len(plans)} groups x {len(blocks)} step blocks in {n_buckets} tasks")
+    fit_fn = _local_fit_fn(specs, params)
+    rows = data.groupBy(_BUCKET, *GROUP, _BLOCK).applyInPandas(fit_fn, _LOCAL_FIT_SCHEMA).collect()
+    by_group: dict[tuple[str, str], dict[int, Any]] = {}
     for row in rows:
-        plan = by_key[(row["region"], row["metric"])]
+        by_group.setdefault((row["region"], row["metric"]), {})[int(row["block"])] = row
+    models = []
+    for plan in plans:
+        fitted = by_group[plan.key]
+        served = nearest_fitted([i in fitted for i in range(len(blocks))])
+        n_train = sum(int(r["n_train"]) for r in fitted.values())
         features = (*plan.numeric_features, SENSOR_FEATURE)
         models.append(
             GBTModel(
@@ -459,11 +571,12 @@ def _train_local(
                 horizon=horizon,
                 features=features,
                 categories=plan.categories,
-                model=row["model_text"],
-                importances=dict(zip(features, _normalise(row["gains"]))),
-                n_train=int(row["n_train"]),
-                seconds=float(row["seconds"]),
-                rmse=float(row["rmse"]),
+                model=tuple(fitted[j]["model_text"] for j in served),
+                importances=dict(zip(features, _normalise(np.sum([r["gains"] for r in fitted.values()], axis=0)))),
+                n_train=n_train,
+                seconds=sum(float(r["seconds"]) for r in fitted.values()),
+                rmse=math.sqrt(sum(float(r["sse"]) for r in fitted.values()) / n_train),
+                blocks=blocks,
             )
         )
     return models
@@ -472,14 +585,12 @@ def _train_local(
 # -- spark-ml engine --------------------------------------------------------------------
 
 
-def spark_pipeline(numeric: Sequence[str], n_sensors: int, params: GBTParams) -> Any:
-    """The unfitted ``pyspark.ml.Pipeline`` of one group: fill nulls with
-    :data:`SPARK_MISSING`, index the sensor, assemble, ``GBTRegressor`` (label ``y``,
-    output column ``prediction``). ``maxBins`` is raised to ``n_sensors + 1`` when
-    needed (categorical sensor incl. the "unseen" index)."""
+def spark_prep_pipeline(numeric: Sequence[str]) -> Any:
+    """The unfitted feature stages of a group's ``pyspark.ml`` model: fill nulls with
+    :data:`SPARK_MISSING`, index the sensor (alphabetical, unseen -> own index),
+    assemble the feature vector."""
     from pyspark.ml import Pipeline
     from pyspark.ml.feature import SQLTransformer, StringIndexer, VectorAssembler
-    from pyspark.ml.regression import GBTRegressor
 
     filled = ", ".join(f"coalesce(CAST(`{c}` AS DOUBLE), {SPARK_MISSING!r}) AS `{_FILLED}{c}`" for c in numeric)
     fill = SQLTransformer(statement=f"SELECT *, {filled} FROM __THIS__")
@@ -487,19 +598,41 @@ def spark_pipeline(numeric: Sequence[str], n_sensors: int, params: GBTParams) ->
         inputCol="sensor_id", outputCol=_SENSOR_INDEX, handleInvalid="keep", stringOrderType="alphabetAsc"
     )
     assembler = VectorAssembler(inputCols=[f"{_FILLED}{c}" for c in numeric] + [_SENSOR_INDEX], outputCol=_VECTOR)
-    gbt = GBTRegressor(
+    return Pipeline(stages=[fill, indexer, assembler])
+
+
+def spark_regressor(n_sensors: int, params: GBTParams, prediction_col: str = _PREDICTION) -> Any:
+    """An unfitted ``GBTRegressor`` (label ``y``) on the assembled features.
+    ``maxBins`` is raised to ``n_sensors + 1`` when needed (categorical sensor incl.
+    the "unseen" index)."""
+    from pyspark.ml.regression import GBTRegressor
+
+    return GBTRegressor(
         featuresCol=_VECTOR,
         labelCol=TARGET,
-        predictionCol=_PREDICTION,
+        predictionCol=prediction_col,
         maxIter=params.n_trees,
         stepSize=params.learning_rate,
         maxDepth=params.max_depth,
         minInstancesPerNode=params.min_rows_per_leaf,
         subsamplingRate=params.subsample,
+        featureSubsetStrategy="all" if params.feature_fraction >= 1 else repr(float(params.feature_fraction)),
         maxBins=max(params.max_bins, n_sensors + 1),
         seed=params.seed,
     )
-    return Pipeline(stages=[fill, indexer, assembler, gbt])
+
+
+def block_selector(blocks: Sequence[tuple[int, int]], served: Sequence[int]) -> Any:
+    """The last stage of a spark-ml model: ``prediction`` = the output of the block
+    model serving each row's step (``served[i]`` = the fitted block of block i)."""
+    from pyspark.ml.feature import SQLTransformer
+
+    cases = " ".join(
+        f"WHEN `{STEP}` <= {hi} THEN `{_BLOCK_PREDICTION}{served[i]}`" for i, (_, hi) in enumerate(blocks[:-1])
+    )
+    last = f"`{_BLOCK_PREDICTION}{served[-1]}`"
+    expr = f"CASE {cases} ELSE {last} END" if cases else last
+    return SQLTransformer(statement=f"SELECT *, {expr} AS `{_PREDICTION}` FROM __THIS__")
 
 
 def _in_pool(spark: SparkSession, pool: str, description: str) -> None:
@@ -510,15 +643,33 @@ def _in_pool(spark: SparkSession, pool: str, description: str) -> None:
 
 
 def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, horizon: int, pool: str) -> GBTModel:
-    """Fit one group's Spark ML pipeline (called from a worker thread)."""
+    """Fit one group's Spark ML model (called from a worker thread): the feature stages
+    once, then one ``GBTRegressor`` per step block on that block's rows, joined into one
+    ``PipelineModel`` whose last stage picks each row's block prediction."""
+    from pyspark.ml import PipelineModel
+
     _in_pool(train.sparkSession, pool, f"gbt spark-ml {plan.region}/{plan.metric}")
     subset = train.where((F.col("region") == plan.region) & (F.col("metric") == plan.metric))
+    blocks = step_blocks(horizon, params.steps_per_model)
     start = time.perf_counter()
-    fitted = spark_pipeline(plan.numeric_features, len(plan.categories), params).fit(subset)
+    prep = spark_prep_pipeline(plan.numeric_features).fit(subset)
+    prepared = prep.transform(subset).select(STEP, TARGET, _VECTOR).persist()
+    try:
+        counts = {r[0]: r[1] for r in prepared.groupBy(block_index_column(blocks)).count().collect()}
+        served = nearest_fitted([counts.get(i, 0) > 0 for i in range(len(blocks))])
+        regressors = {}
+        weights = np.zeros(len(plan.numeric_features) + 1)
+        for i in sorted(set(served)):
+            rows = prepared.where(F.col(STEP).between(*blocks[i]))
+            regressors[i] = spark_regressor(len(plan.categories), params, f"{_BLOCK_PREDICTION}{i}").fit(rows)
+            weights += counts[i] * regressors[i].featureImportances.toArray()
+    finally:
+        prepared.unpersist()
+    fitted = PipelineModel(stages=[*prep.stages, *regressors.values(), block_selector(blocks, served)])
     seconds = time.perf_counter() - start
     mse = fitted.transform(subset).select(F.avg((F.col(_PREDICTION) - F.col(TARGET)) ** 2)).first()[0]
     features = (*plan.numeric_features, SENSOR_FEATURE)
-    importances = _normalise(fitted.stages[-1].featureImportances.toArray().tolist())
+    importances = _normalise(weights.tolist())
     return GBTModel(
         region=plan.region,
         metric=plan.metric,
@@ -531,6 +682,7 @@ def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, hor
         n_train=plan.n_train,
         seconds=seconds,
         rmse=math.sqrt(mse) if mse is not None else float("nan"),
+        blocks=blocks,
     )
 
 
@@ -583,7 +735,8 @@ def train_gbt(
         train = train.where(F.col("metric").isin(list(metrics)))
     train = _as_target(train, target).persist()
     try:
-        plans = plan_groups(train, numeric_feature_candidates(gold.columns, cross), engine, spark_min_rows)
+        n_blocks = len(step_blocks(horizon, params.steps_per_model))
+        plans = plan_groups(train, numeric_feature_candidates(gold.columns, cross), engine, spark_min_rows, n_blocks)
         local = [p for p in plans if p.engine == "local"]
         spark_ml = sorted((p for p in plans if p.engine == "spark-ml"), key=lambda p: -p.n_train)
         _warn_without_fair(gold.sparkSession, len(spark_ml) + bool(local), parallelism)
@@ -604,22 +757,22 @@ def train_gbt(
 def _local_predict_fn(
     specs: Any,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The mapInPandas function; ``specs`` = broadcast of group -> (model text, numeric
-    features, sensors, target)."""
+    """The mapInPandas function; ``specs`` = broadcast of group -> (model texts, step
+    blocks, numeric features, sensors, target)."""
 
     def predict(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import lightgbm as lgb
 
-        boosters: dict[tuple[str, str], Any] = {}  # parse each model once per task
+        boosters: dict[tuple[str, str], list[Any]] = {}  # parse each model once per task
         for pdf in batches:
             for key, part in pdf.groupby(list(GROUP), sort=False):
                 spec = specs.value.get(key)
                 if spec is None:
                     continue
-                text, numeric, categories, target = spec
+                texts, blocks, numeric, categories, target = spec
                 if key not in boosters:
-                    boosters[key] = lgb.Booster(model_str=text)
-                y_pred = boosters[key].predict(_design(part, numeric, categories))
+                    boosters[key] = [lgb.Booster(model_str=t) for t in texts]
+                y_pred = predict_lightgbm(boosters[key], part, numeric, categories, blocks)
                 if target == "change":  # same baseline as origin_baseline()
                     y_pred = y_pred + part["value"].astype("float64").fillna(0.0).to_numpy()
                 out = part[["sensor_id", "metric", "region", ORIGIN_TS, TARGET_TS, STEP]].assign(y_pred=y_pred)
@@ -630,7 +783,10 @@ def _local_predict_fn(
 
 def _predict_local(models: Sequence[GBTModel], rows: DataFrame) -> DataFrame:
     spark = rows.sparkSession
-    specs = {(m.region, m.metric): (m.model, m.numeric_features, m.categories, m.target) for m in models}
+    specs = {
+        (m.region, m.metric): (tuple(m.model), m.step_blocks, m.numeric_features, m.categories, m.target)
+        for m in models
+    }
     broadcast = spark.sparkContext.broadcast(specs)
     in_models = reduce(
         lambda a, b: a | b, [(F.col("region") == r) & (F.col("metric") == m) for r, m in specs]
@@ -716,6 +872,7 @@ def _mlflow_metadata(model: GBTModel) -> dict[str, Any]:
             "seconds": float(model.seconds),
             "rmse": float(model.rmse),
             "target": model.target,
+            "blocks": [list(b) for b in model.step_blocks],
         }
     }
 
@@ -723,8 +880,10 @@ def _mlflow_metadata(model: GBTModel) -> dict[str, Any]:
 def log_model_mlflow(model: GBTModel, artifact_path: str, dfs_tmpdir: str | None = None) -> str:
     """Log ``model`` to the active MLflow run (the caller manages runs); returns its URI.
 
-    ``local``: ``mlflow.lightgbm`` flavour of the Booster; ``spark-ml``: ``mlflow.spark``
-    flavour of the PipelineModel. ``dfs_tmpdir`` (spark-ml only): where Spark writes the
+    ``local``: a ``pyfunc`` model (:class:`citylake.forecast.served.LightGBMBlocks`)
+    holding the LightGBM text of every step block (one Booster per block cannot be one
+    ``mlflow.lightgbm`` flavour); ``spark-ml``: ``mlflow.spark`` flavour of the
+    PipelineModel (its block stages included). ``dfs_tmpdir`` (spark-ml only): where Spark writes the
     model before MLflow copies it into the artifact store; default ``MLFLOW_DFS_TMP`` or
     ``/tmp/mlflow``, which works on ``local[*]``; on a cluster use a folder every
     executor and the driver can reach (``hdfs:///tmp/mlflow``, ``s3a://.../tmp``).
@@ -738,12 +897,16 @@ def log_model_mlflow(model: GBTModel, artifact_path: str, dfs_tmpdir: str | None
     metadata = _mlflow_metadata(model)
     if model.engine == "local":
         import lightgbm as lgb
-        import mlflow.lightgbm
+        import mlflow.pyfunc
 
-        info = mlflow.lightgbm.log_model(
-            lgb.Booster(model_str=model.model),
+        from citylake.forecast.served import LightGBMBlocks
+
+        info = mlflow.pyfunc.log_model(
             name=artifact_path,
-            pip_requirements=[f"lightgbm=={lgb.__version__}", f"mlflow=={mlflow.__version__}"],
+            python_model=LightGBMBlocks(
+                tuple(model.model), model.step_blocks, model.numeric_features, model.categories, model.target
+            ),
+            pip_requirements=[f"lightgbm=={lgb.__version__}", "pandas", "numpy", f"mlflow=={mlflow.__version__}"],
             metadata=metadata,
         )
     elif model.engine == "spark-ml":
@@ -769,15 +932,20 @@ def load_model_mlflow(uri: str, engine: str, dfs_tmpdir: str | None = None) -> G
     SparkSession (``dfs_tmpdir`` as for logging)."""
     import mlflow
 
-    meta = (mlflow.models.get_model_info(uri).metadata or {}).get("citylake_gbt")
+    info = mlflow.models.get_model_info(uri)
+    meta = (info.metadata or {}).get("citylake_gbt")
     if meta is None:
         raise ValueError(f"{uri} was not logged by citylake's log_model_mlflow (no citylake_gbt metadata)")
     if meta["engine"] != engine:
         raise ValueError(f"{uri} is a {meta['engine']} model, not {engine}")
-    if engine == "local":
+    if engine == "local" and "lightgbm" in info.flavors:  # logged before step blocks: one Booster
         import mlflow.lightgbm
 
-        fitted: Any = mlflow.lightgbm.load_model(uri).model_to_string()
+        fitted: Any = (mlflow.lightgbm.load_model(uri).model_to_string(),)
+    elif engine == "local":
+        import mlflow.pyfunc
+
+        fitted = tuple(mlflow.pyfunc.load_model(uri).unwrap_python_model().texts)
     else:
         import mlflow.spark
 
@@ -795,4 +963,5 @@ def load_model_mlflow(uri: str, engine: str, dfs_tmpdir: str | None = None) -> G
         seconds=float(meta["seconds"]),
         rmse=float(meta["rmse"]),
         target=meta.get("target", "level"),  # models logged before targets were recorded
+        blocks=tuple(tuple(b) for b in meta.get("blocks", ())),
     )

@@ -5,14 +5,22 @@ step ``h`` in ``1..H`` (direct multi-step strategy: ``h`` is a feature, see
 :mod:`citylake.forecast.gbt`). Everything in a row is known at ``t``:
 
 * the series' own gold columns at ``t``: ``value`` and every ``lag_k``, ``roll_mean_w``,
-  ``roll_std_w`` (gold already builds them from steps strictly before ``t``);
+  ``roll_std_w`` (gold already builds them from steps strictly before ``t``), and
+  ``change_k`` = ``value - lag_k`` for every lag (the recent trend; trees would need
+  many splits on two columns to find a difference);
 * ``region_mean``: mean over the region's sensors of the metric at ``t``;
 * ``step`` = ``h`` and the calendar of the *target* time ``t + h * interval``
-  (``target_hour_sin/cos``, ``target_dow_sin/cos``; known in advance, so no leakage);
+  (``target_hour_sin/cos``, ``target_dow_sin/cos``, ``target_doy_sin/cos`` for the
+  season; known in advance, so no leakage); the day-of-week pair is null for metrics
+  whose catalogue entry says ``weekly_cycle: false`` (so their groups leave it out);
 * ``x_<metric>``: for air-quality and weather metrics (catalogue domain ``air`` /
-  ``weather``), the same station's other metrics at ``t`` (pivot of their ``value``);
-  null for other domains (a traffic loop has no pm25). A group's own metric's ``x_``
-  column (= ``value``) is left out of that group's features by the trainer;
+  ``weather``), the same station's other metrics at ``t`` (pivot of their ``value``),
+  with ``x_<metric>_change_k`` (``value - lag_k`` of that metric, for the gold lags of
+  :data:`CROSS_CHANGE_MIN_LAG` steps or more: a falling pressure or a turning wind
+  says more about tomorrow's PM2.5 than today's reading) and ``x_<metric>_mean_w``
+  (its ``roll_mean_w`` of the longest gold window); null for other domains (a traffic
+  loop has no pm25). A group's own metric's ``x_`` columns (``value`` and its own
+  changes again) are left out of that group's features by the trainer;
 * ``sensor_id`` (the trainer turns it into a categorical code).
 
 Targets (training only): ``y`` = the series' ``value`` exactly ``h`` grid steps after
@@ -31,7 +39,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from citylake.catalogue import Catalogue, load_catalogue
-from citylake.transforms.features import time_features
+from citylake.transforms.features import season_features, time_features
 
 SERIES = ("sensor_id", "metric")
 #: One model per group: region and metric (series of different metrics have different scales).
@@ -45,9 +53,16 @@ SENSOR_FEATURE = "sensor"
 CROSS_PREFIX = "x_"
 #: Catalogue domains whose stations report several metrics worth using for each other.
 CROSS_DOMAINS = ("air", "weather")
-CALENDAR_FEATURES = ("target_hour_sin", "target_hour_cos", "target_dow_sin", "target_dow_cos")
+CALENDAR_FEATURES = (
+    "target_hour_sin", "target_hour_cos", "target_dow_sin", "target_dow_cos", "target_doy_sin", "target_doy_cos",
+)
+#: Cross-metric changes use the gold lags of at least this many steps (1-2 step changes
+#: of the weather were noise in the Beijing experiments, bench/RESULTS_BEIJING.md).
+CROSS_CHANGE_MIN_LAG = 3
 
 _GOLD_DYNAMIC = re.compile(r"(lag_\d+|roll_(mean|std)_\d+)")
+_LAG = re.compile(r"lag_(\d+)")
+_ROLL_MEAN = re.compile(r"roll_mean_(\d+)")
 _GRID = "_grid"
 _INTERVAL = "_interval_s"
 
@@ -58,22 +73,50 @@ def cross_metric_names(catalogue: Catalogue | None = None) -> list[str]:
     return sorted(name for name, m in cat.metrics.items() if m.domain in CROSS_DOMAINS)
 
 
+def _lags(columns: Sequence[str]) -> list[int]:
+    return [int(m.group(1)) for c in columns if (m := _LAG.fullmatch(c))]
+
+
 def gold_feature_columns(columns: Sequence[str]) -> list[str]:
-    """The series' own numeric gold features present in ``columns``: ``value``, the
-    ``lag_k`` / ``roll_mean_w`` / ``roll_std_w`` columns (in table order), ``region_mean``."""
+    """The series' own numeric features from the gold columns in ``columns``: ``value``,
+    the ``lag_k`` / ``roll_mean_w`` / ``roll_std_w`` columns (in table order),
+    ``region_mean``, then ``change_k`` for every lag."""
     dynamic = [c for c in columns if _GOLD_DYNAMIC.fullmatch(c)]
-    return ["value", *dynamic, "region_mean"]
+    return ["value", *dynamic, "region_mean", *[f"change_{k}" for k in _lags(columns)]]
+
+
+def cross_feature_columns(columns: Sequence[str], metric: str) -> dict[str, Column]:
+    """The ``x_<metric>*`` features of one cross metric, as expressions over that
+    metric's own gold row (``columns`` = the gold columns): its value, its changes over
+    the lags of at least :data:`CROSS_CHANGE_MIN_LAG` steps and its mean over the
+    longest rolling window."""
+    name = CROSS_PREFIX + metric
+    out = {name: F.col("value")}
+    for k in _lags(columns):
+        if k >= CROSS_CHANGE_MIN_LAG:
+            out[f"{name}_change_{k}"] = F.col("value") - F.col(f"lag_{k}")
+    windows = [int(m.group(1)) for c in columns if (m := _ROLL_MEAN.fullmatch(c))]
+    if windows:
+        out[f"{name}_mean_{max(windows)}"] = F.col(f"roll_mean_{max(windows)}")
+    return out
 
 
 def numeric_feature_candidates(columns: Sequence[str], cross_metrics: Sequence[str]) -> list[str]:
     """Every numeric feature column a group may use (before dropping all-null ones):
-    gold features, ``step``, target calendar, ``x_<metric>``."""
+    gold features, ``step``, target calendar, the ``x_<metric>*`` columns."""
     return [
         *gold_feature_columns(columns),
         STEP,
         *CALENDAR_FEATURES,
-        *[CROSS_PREFIX + m for m in cross_metrics],
+        *[c for m in cross_metrics for c in cross_feature_columns(columns, m)],
     ]
+
+
+def own_cross_features(candidates: Sequence[str], metric: str) -> set[str]:
+    """The ``x_`` columns of a group's own metric among ``candidates`` (its value and
+    changes again, already among the group's own features)."""
+    own = CROSS_PREFIX + metric
+    return {c for c in candidates if c == own or c.startswith(own + "_")}
 
 
 def _interval_column(intervals: Mapping[str, int]) -> Column:
@@ -93,29 +136,37 @@ def _with_grid(gold: DataFrame, intervals: Mapping[str, int] | None) -> DataFram
 
 
 def with_cross_metrics(gold: DataFrame, cross_metrics: Sequence[str]) -> DataFrame:
-    """Add ``x_<m>`` for every m in ``cross_metrics``: the same sensor's ``value`` of
-    metric m at the same ``ts`` (null when absent).
+    """Add the ``x_<m>*`` columns of every m in ``cross_metrics``
+    (:func:`cross_feature_columns`): the same sensor's value, changes and mean of metric
+    m at the same ``ts`` (null when absent).
 
     A window over ``(sensor_id, ts)`` (one shuffle; a pivot + join back would take two)
     picks each metric's value; (sensor_id, metric, ts) is gold's key, so there is one.
     Only rows of the cross metrics take part; the others (5-minute traffic, energy: the
     bulk of a city) get null columns without a shuffle.
     """
-    names = [CROSS_PREFIX + m for m in cross_metrics]
-    if not names:
+    if not cross_metrics:
         return gold
     is_cross = F.col("metric").isin(list(cross_metrics))
     station_step = Window.partitionBy("sensor_id", "ts")
     pivoted = [
-        F.max(F.when(F.col("metric") == m, F.col("value"))).over(station_step).alias(CROSS_PREFIX + m)
+        F.max(F.when(F.col("metric") == m, expr)).over(station_step).alias(name)
         for m in cross_metrics
+        for name, expr in cross_feature_columns(gold.columns, m).items()
     ]
+    names = [n for m in cross_metrics for n in cross_feature_columns(gold.columns, m)]
     joined = gold.where(is_cross).select("*", *pivoted)
     others = gold.where(~is_cross).select("*", *[F.lit(None).cast("double").alias(n) for n in names])
     return joined.unionByName(others)
 
 
-def _stack_steps(df: DataFrame, horizon: int, targets: bool) -> DataFrame:
+def weekly_metric_names(catalogue: Catalogue | None = None) -> list[str]:
+    """Metrics with a weekly cycle (catalogue ``weekly_cycle``): they get day-of-week features."""
+    cat = catalogue or load_catalogue()
+    return sorted(name for name, m in cat.metrics.items() if m.weekly_cycle)
+
+
+def _stack_steps(df: DataFrame, horizon: int, targets: bool, weekly_metrics: Sequence[str]) -> DataFrame:
     """One row per origin and step 1..horizon, with ``target_ts`` and its calendar."""
     entries = [
         F.struct(
@@ -128,18 +179,25 @@ def _stack_steps(df: DataFrame, horizon: int, targets: bool) -> DataFrame:
     target_ts = F.timestamp_seconds(F.unix_seconds("ts") + F.col("_s.step") * F.col(_INTERVAL))
     stacked = stacked.withColumn(STEP, F.col("_s.step")).withColumn(TARGET, F.col("_s.y"))
     stacked = stacked.withColumn(TARGET_TS, target_ts).withColumn(ORIGIN_TS, F.col("ts"))
-    return stacked.select("*", *_target_calendar(F.col(TARGET_TS)))
+    return stacked.select("*", *_target_calendar(F.col(TARGET_TS), F.col("metric").isin(list(weekly_metrics))))
 
 
-def _target_calendar(ts: Column) -> list[Column]:
-    """hour/dow sin/cos of the target time, named ``target_*`` (same formulas as gold)."""
+def _target_calendar(ts: Column, weekly: Column) -> list[Column]:
+    """hour/dow sin/cos of the target time (same formulas as gold; dow null where
+    ``weekly`` is false) and its time of year, named ``target_*``."""
     hour_sin, hour_cos, dow_sin, dow_cos = time_features(ts)
     return [
         hour_sin.alias("target_hour_sin"),
         hour_cos.alias("target_hour_cos"),
-        dow_sin.alias("target_dow_sin"),
-        dow_cos.alias("target_dow_cos"),
+        F.when(weekly, dow_sin).alias("target_dow_sin"),
+        F.when(weekly, dow_cos).alias("target_dow_cos"),
+        *season_features(ts, "target_doy"),
     ]
+
+
+def _with_changes(df: DataFrame, gold_columns: Sequence[str]) -> DataFrame:
+    """``change_k = value - lag_k`` for every gold lag."""
+    return df.withColumns({f"change_{k}": F.col("value") - F.col(f"lag_{k}") for k in _lags(gold_columns)})
 
 
 def _feature_output(gold_columns: Sequence[str], cross_metrics: Sequence[str]) -> list[str]:
@@ -154,6 +212,7 @@ def training_set(
     cross_metrics: Sequence[str] | None = None,
     sample_fraction: float = 1.0,
     seed: int = 42,
+    weekly_metrics: Sequence[str] | None = None,
 ) -> DataFrame:
     """Training rows of the direct multi-step model from a gold_features-shaped frame.
 
@@ -162,7 +221,8 @@ def training_set(
     (default :func:`cross_metric_names`; ``[]`` for none). ``sample_fraction`` in (0, 1]
     keeps that share of the (origin, step) rows, chosen by a hash of series, origin and
     step (deterministic for a seed; each step sees different origins, and no fixed
-    hour of day is favoured, unlike a stride over origins).
+    hour of day is favoured, unlike a stride over origins). ``weekly_metrics``: metrics
+    that get day-of-week features (default :func:`weekly_metric_names`).
 
     Columns: region, metric, sensor_id, origin_ts, target_ts, step (int), y (double,
     never null), then the feature candidates (:func:`numeric_feature_candidates` order,
@@ -173,11 +233,12 @@ def training_set(
     if not 0 < sample_fraction <= 1:
         raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
     cross = cross_metric_names() if cross_metrics is None else list(cross_metrics)
-    df = with_cross_metrics(_with_grid(gold, intervals), cross)
+    df = _with_changes(with_cross_metrics(_with_grid(gold, intervals), cross), gold.columns)
     grid = Window.partitionBy(*SERIES).orderBy(_GRID)
     targets = [F.first("value").over(grid.rangeBetween(h, h)).alias(f"_y{h}") for h in range(1, horizon + 1)]
     df = df.select("*", *targets)
-    rows = _stack_steps(df, horizon, targets=True).where(F.col(TARGET).isNotNull())
+    weekly = weekly_metric_names() if weekly_metrics is None else list(weekly_metrics)
+    rows = _stack_steps(df, horizon, True, weekly).where(F.col(TARGET).isNotNull())
     if sample_fraction < 1:
         bucket = F.pmod(F.xxhash64("sensor_id", "metric", ORIGIN_TS, STEP, F.lit(seed)), F.lit(1_000_000))
         rows = rows.where(bucket < int(sample_fraction * 1_000_000))
@@ -189,6 +250,7 @@ def origin_rows(
     horizon: int,
     intervals: Mapping[str, int] | None = None,
     cross_metrics: Sequence[str] | None = None,
+    weekly_metrics: Sequence[str] | None = None,
 ) -> DataFrame:
     """Prediction rows: every row of ``gold_at_origins`` (gold_features-shaped; each row an
     origin) times steps 1..horizon, with the same feature columns as :func:`training_set`
@@ -196,8 +258,9 @@ def origin_rows(
     origin time (e.g. gold filtered to ``ts = origin``), not only the forecast metric's.
     """
     cross = cross_metric_names() if cross_metrics is None else list(cross_metrics)
-    df = with_cross_metrics(_with_grid(gold_at_origins, intervals), cross)
-    rows = _stack_steps(df, horizon, targets=False)
+    df = _with_changes(with_cross_metrics(_with_grid(gold_at_origins, intervals), cross), gold_at_origins.columns)
+    weekly = weekly_metric_names() if weekly_metrics is None else list(weekly_metrics)
+    rows = _stack_steps(df, horizon, False, weekly)
     return rows.select(*_keys(with_target=False), *_feature_output(gold_at_origins.columns, cross))
 
 

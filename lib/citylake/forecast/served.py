@@ -52,6 +52,31 @@ class ServedForecaster(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["sensor_id", "metric", "step", "y_pred"])
 
 
+class LightGBMBlocks(mlflow.pyfunc.PythonModel):
+    """A local-engine GBT model (:mod:`citylake.forecast.gbt`) as a pyfunc: the LightGBM
+    text of each step block, the blocks, the numeric features, the sensor categories and
+    the target. ``predict`` takes the training-set columns (``sensor_id``, ``step``,
+    ``value``, the features) and returns the forecast in the metric's unit."""
+
+    def __init__(self, texts, blocks, numeric, categories, target: str):
+        self.texts = tuple(texts)
+        self.blocks = tuple(tuple(b) for b in blocks)
+        self.numeric = tuple(numeric)
+        self.categories = tuple(categories)
+        self.target = target
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        import lightgbm as lgb
+
+        from citylake.forecast.gbt import predict_lightgbm
+
+        boosters = [lgb.Booster(model_str=t) for t in self.texts]
+        out = predict_lightgbm(boosters, model_input, self.numeric, self.categories, self.blocks)
+        if self.target == "change":
+            out = out + model_input["value"].astype("float64").fillna(0.0).to_numpy()
+        return out
+
+
 def log_served_model(family: str, region: str, metric: str, coefficients: pd.DataFrame | None) -> str:
     """Log the family's pyfunc in the active run; returns its ``runs:/`` URI."""
     artifacts = {}

@@ -98,7 +98,11 @@ def modelled(lake: Lake, df: DataFrame) -> DataFrame:
 
 def _gbt_params(lake: Lake) -> gbt.GBTParams:
     fc = lake.config.forecast
-    return gbt.GBTParams(n_trees=fc.gbt_trees, max_depth=fc.gbt_max_depth, learning_rate=fc.gbt_learning_rate)
+    return gbt.GBTParams(
+        n_trees=fc.gbt_trees, max_depth=fc.gbt_max_depth, learning_rate=fc.gbt_learning_rate,
+        min_rows_per_leaf=fc.gbt_min_rows_per_leaf, subsample=fc.gbt_subsample,
+        feature_fraction=fc.gbt_feature_fraction, steps_per_model=fc.gbt_steps_per_model,
+    )
 
 
 def train_models(lake: Lake, history: DataFrame, cutoff: dt.datetime | None) -> TrainedModels:

@@ -111,6 +111,17 @@ def time_features(ts: Column) -> list[Column]:
     return _cyclical(hour / 24, "hour") + _cyclical(dow / 7, "dow")
 
 
+#: Mean tropical year (s): the season's cycle, so day-of-year features drift by no
+#: more than a few hours a century.
+SECONDS_PER_YEAR = 365.2425 * SECONDS_PER_DAY
+
+
+def season_features(ts: Column, prefix: str = "doy") -> list[Column]:
+    """``<prefix>_sin/cos``: the time of year on a cycle of one mean tropical year
+    (0 at 1970-01-01 00:00 UTC)."""
+    return _cyclical(F.pmod(F.unix_seconds(ts), F.lit(SECONDS_PER_YEAR)) / SECONDS_PER_YEAR, prefix)
+
+
 def build_features(
     silver: DataFrame,
     lags: list[int],
