@@ -131,6 +131,8 @@ class ForecastConfig:
     gbt_min_rows_per_leaf: int = 50
     gbt_subsample: float = 0.8
     gbt_feature_fraction: float = 0.8
+    #: Histogram bins per feature (64 instead of 255 cost 1 point of RMSE at 24 h on Beijing).
+    gbt_max_bins: int = 255
     #: Consecutive steps sharing one model: 1 = one model per step (direct strategy),
     #: 0 = one model for every step with the step as a feature.
     gbt_steps_per_model: int = 1

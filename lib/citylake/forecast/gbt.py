@@ -218,7 +218,7 @@ class GBTParams:
     min_rows_per_leaf: int = 20
     subsample: float = 1.0
     feature_fraction: float = 1.0
-    max_bins: int = 64
+    max_bins: int = 255
     steps_per_model: int = 1
     seed: int = 42
 
