@@ -413,58 +413,37 @@ def _normalise(values: Sequence[float]) -> list[float]:
 
 
 def fit_lightgbm(
-    pdf: pd.DataFrame,
-    numeric: Sequence[str],
-    categories: Sequence[str],
-    params: GBTParams,
-    blocks: Sequence[tuple[int, int]] | None = None,
-) -> tuple[list[str], list[float], float]:
-    """Fit one group's LightGBM models on its training rows (pandas; target column
-    ``y``; with ``blocks`` a step column ``step``), one per step block (default: one
-    model for all rows).
-    Returns (model text per block, gain importance per feature incl. ``sensor`` summed
-    over the blocks, in-sample RMSE over all rows). A block without rows is served by
-    its nearest fitted block (:func:`nearest_fitted`)."""
+    pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str], params: GBTParams
+) -> tuple[str, list[float], float]:
+    """Fit one LightGBM model on training rows (pandas; target column ``y``): one step
+    block of one group in the local engine. Returns (model text, gain importance per
+    feature incl. ``sensor``, in-sample RMSE)."""
     import lightgbm as lgb
 
     X = _design(pdf, numeric, categories)
     y = pdf[TARGET].to_numpy(dtype="float64")
-    if blocks:
-        which = block_of(pdf[STEP].to_numpy(), blocks)
-    else:
-        blocks, which = [(1, 1)], np.zeros(len(y), dtype=int)
-    texts: list[str | None] = [None] * len(blocks)
-    gains = np.zeros(X.shape[1])
-    fitted = np.zeros(len(y))
-    for i in range(len(blocks)):
-        rows = which == i
-        if not rows.any():
-            continue
-        booster = lgb.LGBMRegressor(**params.lightgbm_kwargs()).fit(
-            X[rows], y[rows], categorical_feature=[SENSOR_FEATURE]
-        ).booster_
-        texts[i] = booster.model_to_string()
-        gains += booster.feature_importance(importance_type="gain")
-        fitted[rows] = booster.predict(X[rows])
-    served = nearest_fitted([t is not None for t in texts])
-    rmse = float(np.sqrt(np.mean((fitted - y) ** 2)))
-    return [str(texts[j]) for j in served], gains.tolist(), rmse
+    booster = lgb.LGBMRegressor(**params.lightgbm_kwargs()).fit(X, y, categorical_feature=[SENSOR_FEATURE]).booster_
+    rmse = float(np.sqrt(np.mean((booster.predict(X) - y) ** 2)))
+    gains = booster.feature_importance(importance_type="gain").astype(float).tolist()
+    return booster.model_to_string(), gains, rmse
 
 
 def predict_lightgbm(
     boosters: Sequence[Any], pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str],
-    blocks: Sequence[tuple[int, int]],
+    blocks: Sequence[tuple[int, int]], target: str,
 ) -> np.ndarray:
-    """The models' outputs for the rows of ``pdf`` (feature columns, ``sensor_id``,
-    ``step``): each row by the booster of its step's block (``boosters`` aligned with
-    ``blocks``). The model's target units: a change model's output is not yet added to
-    the origin value."""
+    """Forecasts (metric unit) for the rows of ``pdf`` (feature columns, ``sensor_id``,
+    ``step``, ``value``): each row by the booster of its step's block (``boosters``
+    aligned with ``blocks``); a ``change`` model's output is added to the origin value
+    (the same baseline as :func:`origin_baseline`)."""
     X = _design(pdf, numeric, categories)
     which = block_of(pdf[STEP].to_numpy(), blocks)
     out = np.empty(len(pdf))
     for i in np.unique(which):
         rows = which == i
         out[rows] = boosters[i].predict(X[rows])
+    if target == "change":
+        out = out + pdf["value"].astype("float64").fillna(0.0).to_numpy()
     return out
 
 
@@ -479,14 +458,14 @@ def _local_fit_fn(
         region, metric, block = key[1], key[2], int(key[3])
         numeric, categories = specs[(region, metric)]
         start = time.perf_counter()
-        texts, gains, rmse = fit_lightgbm(pdf, numeric, categories, params)
+        text, gains, rmse = fit_lightgbm(pdf, numeric, categories, params)
         seconds = time.perf_counter() - start
         return pd.DataFrame(
             {
                 "region": [region],
                 "metric": [metric],
                 "block": [block],
-                "model_text": texts,
+                "model_text": [text],
                 "gains": [gains],
                 "n_train": [len(pdf)],
                 "seconds": [seconds],
@@ -772,9 +751,7 @@ def _local_predict_fn(
                 texts, blocks, numeric, categories, target = spec
                 if key not in boosters:
                     boosters[key] = [lgb.Booster(model_str=t) for t in texts]
-                y_pred = predict_lightgbm(boosters[key], part, numeric, categories, blocks)
-                if target == "change":  # same baseline as origin_baseline()
-                    y_pred = y_pred + part["value"].astype("float64").fillna(0.0).to_numpy()
+                y_pred = predict_lightgbm(boosters[key], part, numeric, categories, blocks, target)
                 out = part[["sensor_id", "metric", "region", ORIGIN_TS, TARGET_TS, STEP]].assign(y_pred=y_pred)
                 yield out.assign(model=MODEL_NAME)[list(PREDICTION_COLUMNS)]
 

@@ -71,10 +71,7 @@ class LightGBMBlocks(mlflow.pyfunc.PythonModel):
         from citylake.forecast.gbt import predict_lightgbm
 
         boosters = [lgb.Booster(model_str=t) for t in self.texts]
-        out = predict_lightgbm(boosters, model_input, self.numeric, self.categories, self.blocks)
-        if self.target == "change":
-            out = out + model_input["value"].astype("float64").fillna(0.0).to_numpy()
-        return out
+        return predict_lightgbm(boosters, model_input, self.numeric, self.categories, self.blocks, self.target)
 
 
 def log_served_model(family: str, region: str, metric: str, coefficients: pd.DataFrame | None) -> str:
