@@ -77,6 +77,11 @@ def _lags(columns: Sequence[str]) -> list[int]:
     return [int(m.group(1)) for c in columns if (m := _LAG.fullmatch(c))]
 
 
+def _change(k: int) -> Column:
+    """``value - lag_k``: the change over the last k steps (of the row's own metric)."""
+    return F.col("value") - F.col(f"lag_{k}")
+
+
 def gold_feature_columns(columns: Sequence[str]) -> list[str]:
     """The series' own numeric features from the gold columns in ``columns``: ``value``,
     the ``lag_k`` / ``roll_mean_w`` / ``roll_std_w`` columns (in table order),
@@ -94,7 +99,7 @@ def cross_feature_columns(columns: Sequence[str], metric: str) -> dict[str, Colu
     out = {name: F.col("value")}
     for k in _lags(columns):
         if k >= CROSS_CHANGE_MIN_LAG:
-            out[f"{name}_change_{k}"] = F.col("value") - F.col(f"lag_{k}")
+            out[f"{name}_change_{k}"] = _change(k)
     windows = [int(m.group(1)) for c in columns if (m := _ROLL_MEAN.fullmatch(c))]
     if windows:
         out[f"{name}_mean_{max(windows)}"] = F.col(f"roll_mean_{max(windows)}")
@@ -115,8 +120,8 @@ def numeric_feature_candidates(columns: Sequence[str], cross_metrics: Sequence[s
 def own_cross_features(candidates: Sequence[str], metric: str) -> set[str]:
     """The ``x_`` columns of a group's own metric among ``candidates`` (its value and
     changes again, already among the group's own features)."""
-    own = CROSS_PREFIX + metric
-    return {c for c in candidates if c == own or c.startswith(own + "_")}
+    own = re.compile(re.escape(CROSS_PREFIX + metric) + r"(_(change|mean)_\d+)?")
+    return {c for c in candidates if own.fullmatch(c)}
 
 
 def _interval_column(intervals: Mapping[str, int]) -> Column:
@@ -197,7 +202,7 @@ def _target_calendar(ts: Column, weekly: Column) -> list[Column]:
 
 def _with_changes(df: DataFrame, gold_columns: Sequence[str]) -> DataFrame:
     """``change_k = value - lag_k`` for every gold lag."""
-    return df.withColumns({f"change_{k}": F.col("value") - F.col(f"lag_{k}") for k in _lags(gold_columns)})
+    return df.withColumns({f"change_{k}": _change(k) for k in _lags(gold_columns)})
 
 
 def _feature_output(gold_columns: Sequence[str], cross_metrics: Sequence[str]) -> list[str]:
