@@ -7,6 +7,7 @@ Gold frames are built with the real ``build_features`` from small synthetic silv
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -284,7 +285,7 @@ def test_both_engines_train_and_predict_the_same_table(trained, gold):
         assert [(m.region, m.metric, m.engine) for m in models] == [("r0", "pm25", engine), ("r1", "pm25", engine)]
         for m in models:
             assert m.n_train > 0 and m.seconds > 0 and 0 < m.rmse < 15
-            assert m.features[-1] == "sensor" and m.categories == tuple(f"{m.region}s{i}" for i in range(3))
+            assert m.features[-2:] == ("sensor", "linear_forecast") and m.categories == tuple(f"{m.region}s{i}" for i in range(3))
     tables = {e: gbt.predict_gbt(models, at_origin(gold, 300), 3) for e, models in trained.items()}
     shapes = {e: [(f.name, f.dataType) for f in t.schema] for e, t in tables.items()}  # nullability aside
     assert shapes["local"] == shapes["spark-ml"]
@@ -319,6 +320,18 @@ def test_steps_beyond_the_training_history_use_the_nearest_steps_model(spark):
     assert sorted(pred["step"]) == [1, 2, 3] and pred["y_pred"].notna().all()
 
 
+def test_the_linear_stage_is_part_of_each_block_model_and_can_be_left_out(trained, gold):
+    local = trained["local"][0]
+    assert len(local.linear) == len(local.model) == len(local.step_blocks)
+    assert all("value" in s.features and "target_hour_sin" not in s.features for s in local.linear)
+    spark_stages = [type(s).__name__ for s in trained["spark-ml"][0].model.stages]
+    assert spark_stages.count("LinearRegressionModel") == spark_stages.count("GBTRegressionModel") == 3
+    plain = gbt.train_gbt(gold, 3, engine="local", params=replace(TINY, linear_stage=False))[0]
+    assert plain.linear == () and plain.features[-1] == "sensor" and "linear_forecast" not in plain.importances
+    pred = gbt.predict_gbt([plain], at_origin(gold, 300), 3).collect()
+    assert len(pred) == 3 * 3 and all(math.isfinite(r["y_pred"]) for r in pred)
+
+
 def test_unseen_sensor_still_gets_a_forecast(trained, gold):
     renamed = at_origin(gold, 300).withColumn("sensor_id", F.concat("sensor_id", F.lit("_new")))
     for models in trained.values():
@@ -340,7 +353,8 @@ def test_importances_sum_to_one_per_group(spark, trained):
     for r in rows:
         assert r["s"] == pytest.approx(1.0)
     top = table.where("rank = 1 AND engine = 'local'").select("feature").collect()
-    assert {r["feature"] for r in top} <= {"target_hour_sin", "target_hour_cos"}  # the daily cycle
+    # The daily cycle: the target hour, or the linear stage (it reads lag_24, a day ago).
+    assert {r["feature"] for r in top} <= {"target_hour_sin", "target_hour_cos", "linear_forecast"}
 
 
 # -- MLflow -------------------------------------------------------------------------------

@@ -136,6 +136,8 @@ class ForecastConfig:
     #: Consecutive steps sharing one model: 1 = one model per step (direct strategy),
     #: 0 = one model for every step with the step as a feature.
     gbt_steps_per_model: int = 1
+    #: A ridge regression's forecast as one more input of the trees (forecast/linear_stage.py).
+    gbt_linear_stage: bool = True
     #: Regions trained at once by the spark-ml engine (threads submitting Spark jobs).
     gbt_parallelism: int = 2
     #: Origins per series kept for GBT training rows (every k-th grid step).

@@ -109,6 +109,14 @@ from citylake.forecast.gbt_data import (
     own_cross_features,
     training_set,
 )
+from citylake.forecast.linear_stage import (
+    DEFAULT_L2,
+    LINEAR_FEATURE,
+    LinearStage,
+    fit_linear_stage,
+    linear_forecast,
+    linear_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +141,10 @@ _BLOCK = "_block"
 _FILLED = "_f_"
 _SENSOR_INDEX = "_sensor_idx"
 _VECTOR = "_features"
+_LINEAR_INPUT = "_l_"
+_LINEAR_VECTOR = "_linear_features"
+_LINEAR_PREDICTION = "_linear_block_"
+_BLOCK_VECTOR = "_features_block_"
 _PREDICTION = "prediction"  # MLflow's pyfunc wrapper of a Spark model reads this column
 _BLOCK_PREDICTION = "_prediction_block_"
 
@@ -155,6 +167,7 @@ _LOCAL_FIT_SCHEMA = T.StructType(
         T.StructField("metric", T.StringType()),
         T.StructField("block", T.IntegerType()),
         T.StructField("model_text", T.StringType()),
+        T.StructField("linear", T.StringType()),
         T.StructField("gains", T.ArrayType(T.DoubleType())),
         T.StructField("n_train", T.LongType()),
         T.StructField("seconds", T.DoubleType()),
@@ -209,7 +222,9 @@ class GBTParams:
     ``feature_fraction`` share of features per tree (1 = all); ``max_bins`` histogram
     bins per feature (Spark ML raises it per group to fit the sensor categories);
     ``steps_per_model``: consecutive steps sharing one model (1 = one model per step,
-    0 = one model for all steps; :func:`step_blocks`); ``seed``.
+    0 = one model for all steps; :func:`step_blocks`); ``linear_stage``: a ridge
+    regression's forecast as one more input of the trees
+    (:mod:`citylake.forecast.linear_stage`); ``seed``.
     """
 
     n_trees: int = 100
@@ -220,6 +235,7 @@ class GBTParams:
     feature_fraction: float = 1.0
     max_bins: int = 255
     steps_per_model: int = 1
+    linear_stage: bool = True
     seed: int = 42
 
     def lightgbm_kwargs(self) -> dict[str, Any]:
@@ -300,6 +316,9 @@ class GBTModel:
     target: str = "change"
     #: (first, last) step of each block model; empty = one model for steps 1..horizon.
     blocks: tuple[tuple[int, int], ...] = ()
+    #: ``local``: the linear stage of each entry of ``model`` (empty: models without
+    #: one); spark-ml models hold theirs as pipeline stages.
+    linear: tuple[LinearStage, ...] = ()
 
     @property
     def step_blocks(self) -> tuple[tuple[int, int], ...]:
@@ -308,8 +327,9 @@ class GBTModel:
 
     @property
     def numeric_features(self) -> list[str]:
-        """The training-set columns the model reads (``features`` without ``sensor``)."""
-        return [f for f in self.features if f != SENSOR_FEATURE]
+        """The training-set columns the model reads (``features`` without ``sensor`` and
+        the linear stage's output)."""
+        return [f for f in self.features if f not in (SENSOR_FEATURE, LINEAR_FEATURE)]
 
 
 @dataclass(frozen=True)
@@ -398,12 +418,22 @@ def _as_target(train: DataFrame, target: str) -> DataFrame:
 # -- local engine: LightGBM in a grouped pandas UDF ---------------------------------------
 
 
-def _design(pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str]) -> pd.DataFrame:
-    """The LightGBM input matrix: numeric features as float (null -> NaN) and ``sensor``
-    as its code in ``categories`` (NaN when unseen)."""
+def model_features(numeric: Sequence[str], linear_stage: bool) -> tuple[str, ...]:
+    """A model's inputs in order: the numeric features, ``sensor``, and the linear
+    stage's output when it has one (the order of both engines' feature vectors)."""
+    return (*numeric, SENSOR_FEATURE, *([LINEAR_FEATURE] if linear_stage else []))
+
+
+def _design(pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str],
+            linear: LinearStage | None = None) -> pd.DataFrame:
+    """The LightGBM input matrix: numeric features as float (null -> NaN), ``sensor``
+    as its code in ``categories`` (NaN when unseen), then the ``linear`` stage's
+    forecast when given."""
     X = pdf[list(numeric)].astype("float64")
     codes = {s: float(i) for i, s in enumerate(categories)}
     X[SENSOR_FEATURE] = pdf["sensor_id"].map(codes).astype("float64")
+    if linear is not None:
+        X[LINEAR_FEATURE] = linear_forecast(linear, pdf)
     return X
 
 
@@ -414,34 +444,36 @@ def _normalise(values: Sequence[float]) -> list[float]:
 
 def fit_lightgbm(
     pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str], params: GBTParams
-) -> tuple[str, list[float], float]:
+) -> tuple[str, list[float], float, LinearStage | None]:
     """Fit one LightGBM model on training rows (pandas; target column ``y``): one step
-    block of one group in the local engine. Returns (model text, gain importance per
-    feature incl. ``sensor``, in-sample RMSE)."""
+    block of one group in the local engine, after its linear stage when
+    ``params.linear_stage``. Returns (model text, gain importance per feature in
+    :func:`model_features` order, in-sample RMSE, the linear stage or None)."""
     import lightgbm as lgb
 
-    X = _design(pdf, numeric, categories)
     y = pdf[TARGET].to_numpy(dtype="float64")
+    linear = fit_linear_stage(pdf, numeric, y, DEFAULT_L2) if params.linear_stage else None
+    X = _design(pdf, numeric, categories, linear)
     booster = lgb.LGBMRegressor(**params.lightgbm_kwargs()).fit(X, y, categorical_feature=[SENSOR_FEATURE]).booster_
     rmse = float(np.sqrt(np.mean((booster.predict(X) - y) ** 2)))
     gains = booster.feature_importance(importance_type="gain").astype(float).tolist()
-    return booster.model_to_string(), gains, rmse
+    return booster.model_to_string(), gains, rmse, linear
 
 
 def predict_lightgbm(
     boosters: Sequence[Any], pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str],
-    blocks: Sequence[tuple[int, int]], target: str,
+    blocks: Sequence[tuple[int, int]], target: str, linear: Sequence[LinearStage] = (),
 ) -> np.ndarray:
     """Forecasts (metric unit) for the rows of ``pdf`` (feature columns, ``sensor_id``,
     ``step``, ``value``): each row by the booster of its step's block (``boosters``
-    aligned with ``blocks``); a ``change`` model's output is added to the origin value
-    (the same baseline as :func:`origin_baseline`)."""
-    X = _design(pdf, numeric, categories)
+    and ``linear``, when given, aligned with ``blocks``); a ``change`` model's output
+    is added to the origin value (the same baseline as :func:`origin_baseline`)."""
     which = block_of(pdf[STEP].to_numpy(), blocks)
     out = np.empty(len(pdf))
     for i in np.unique(which):
         rows = which == i
-        out[rows] = boosters[i].predict(X[rows])
+        part = pdf[rows]
+        out[rows] = boosters[i].predict(_design(part, numeric, categories, linear[i] if linear else None))
     if target == "change":
         out = out + pdf["value"].astype("float64").fillna(0.0).to_numpy()
     return out
@@ -458,7 +490,7 @@ def _local_fit_fn(
         region, metric, block = key[1], key[2], int(key[3])
         numeric, categories = specs[(region, metric)]
         start = time.perf_counter()
-        text, gains, rmse = fit_lightgbm(pdf, numeric, categories, params)
+        text, gains, rmse, linear = fit_lightgbm(pdf, numeric, categories, params)
         seconds = time.perf_counter() - start
         return pd.DataFrame(
             {
@@ -466,6 +498,7 @@ def _local_fit_fn(
                 "metric": [metric],
                 "block": [block],
                 "model_text": [text],
+                "linear": [linear.to_json() if linear is not None else None],
                 "gains": [gains],
                 "n_train": [len(pdf)],
                 "seconds": [seconds],
@@ -541,7 +574,7 @@ def _train_local(
         fitted = by_group[plan.key]
         served = nearest_fitted([i in fitted for i in range(len(blocks))])
         n_train = sum(int(r["n_train"]) for r in fitted.values())
-        features = (*plan.numeric_features, SENSOR_FEATURE)
+        features = model_features(plan.numeric_features, params.linear_stage)
         models.append(
             GBTModel(
                 region=plan.region,
@@ -556,6 +589,8 @@ def _train_local(
                 seconds=sum(float(r["seconds"]) for r in fitted.values()),
                 rmse=math.sqrt(sum(float(r["sse"]) for r in fitted.values()) / n_train),
                 blocks=blocks,
+                linear=tuple(LinearStage.from_json(fitted[j]["linear"]) for j in served)
+                if params.linear_stage else (),
             )
         )
     return models
@@ -564,30 +599,57 @@ def _train_local(
 # -- spark-ml engine --------------------------------------------------------------------
 
 
-def spark_prep_pipeline(numeric: Sequence[str]) -> Any:
+def spark_prep_pipeline(numeric: Sequence[str], linear_stage: bool = False) -> Any:
     """The unfitted feature stages of a group's ``pyspark.ml`` model: fill nulls with
     :data:`SPARK_MISSING`, index the sensor (alphabetical, unseen -> own index),
-    assemble the feature vector."""
+    assemble the feature vector; with ``linear_stage``, also the linear stage's inputs
+    (:func:`citylake.forecast.linear_stage.linear_inputs`, nulls -> training mean)
+    assembled into their own vector."""
     from pyspark.ml import Pipeline
-    from pyspark.ml.feature import SQLTransformer, StringIndexer, VectorAssembler
+    from pyspark.ml.feature import Imputer, SQLTransformer, StringIndexer, VectorAssembler
 
-    filled = ", ".join(f"coalesce(CAST(`{c}` AS DOUBLE), {SPARK_MISSING!r}) AS `{_FILLED}{c}`" for c in numeric)
-    fill = SQLTransformer(statement=f"SELECT *, {filled} FROM __THIS__")
+    columns = [f"coalesce(CAST(`{c}` AS DOUBLE), {SPARK_MISSING!r}) AS `{_FILLED}{c}`" for c in numeric]
+    lin = linear_inputs(numeric) if linear_stage else []
+    columns += [f"CAST(`{c}` AS DOUBLE) AS `{_LINEAR_INPUT}{c}`" for c in lin]
+    fill = SQLTransformer(statement=f"SELECT *, {', '.join(columns)} FROM __THIS__")
     indexer = StringIndexer(
         inputCol="sensor_id", outputCol=_SENSOR_INDEX, handleInvalid="keep", stringOrderType="alphabetAsc"
     )
     assembler = VectorAssembler(inputCols=[f"{_FILLED}{c}" for c in numeric] + [_SENSOR_INDEX], outputCol=_VECTOR)
-    return Pipeline(stages=[fill, indexer, assembler])
+    stages = [fill, indexer, assembler]
+    if lin:
+        imputed = [f"{_LINEAR_INPUT}i_{c}" for c in lin]
+        stages += [
+            Imputer(inputCols=[f"{_LINEAR_INPUT}{c}" for c in lin], outputCols=imputed, strategy="mean"),
+            VectorAssembler(inputCols=imputed, outputCol=_LINEAR_VECTOR),
+        ]
+    return Pipeline(stages=stages)
 
 
-def spark_regressor(n_sensors: int, params: GBTParams, prediction_col: str = _PREDICTION) -> Any:
+def spark_linear_stage(block: int) -> tuple[Any, Any]:
+    """The unfitted linear stage of step block ``block`` (``LinearRegression`` on the
+    linear inputs' vector, ridge ``regParam`` :data:`DEFAULT_L2`) and the assembler
+    appending its forecast to the feature vector the block's trees read."""
+    from pyspark.ml.feature import VectorAssembler
+    from pyspark.ml.regression import LinearRegression
+
+    regression = LinearRegression(
+        featuresCol=_LINEAR_VECTOR, labelCol=TARGET, predictionCol=f"{_LINEAR_PREDICTION}{block}",
+        regParam=DEFAULT_L2, elasticNetParam=0.0, standardization=True, solver="normal",
+    )
+    assembler = VectorAssembler(inputCols=[_VECTOR, f"{_LINEAR_PREDICTION}{block}"], outputCol=f"{_BLOCK_VECTOR}{block}")
+    return regression, assembler
+
+
+def spark_regressor(n_sensors: int, params: GBTParams, prediction_col: str = _PREDICTION,
+                    features_col: str = _VECTOR) -> Any:
     """An unfitted ``GBTRegressor`` (label ``y``) on the assembled features.
     ``maxBins`` is raised to ``n_sensors + 1`` when needed (categorical sensor incl.
     the "unseen" index)."""
     from pyspark.ml.regression import GBTRegressor
 
     return GBTRegressor(
-        featuresCol=_VECTOR,
+        featuresCol=features_col,
         labelCol=TARGET,
         predictionCol=prediction_col,
         maxIter=params.n_trees,
@@ -623,7 +685,8 @@ def _in_pool(spark: SparkSession, pool: str, description: str) -> None:
 
 def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, horizon: int, pool: str) -> GBTModel:
     """Fit one group's Spark ML model (called from a worker thread): the feature stages
-    once, then one ``GBTRegressor`` per step block on that block's rows, joined into one
+    once, then per step block on that block's rows its linear stage (when
+    ``params.linear_stage``) and one ``GBTRegressor``, joined into one
     ``PipelineModel`` whose last stage picks each row's block prediction."""
     from pyspark.ml import PipelineModel
 
@@ -631,23 +694,31 @@ def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, hor
     subset = train.where((F.col("region") == plan.region) & (F.col("metric") == plan.metric))
     blocks = step_blocks(horizon, params.steps_per_model)
     start = time.perf_counter()
-    prep = spark_prep_pipeline(plan.numeric_features).fit(subset)
-    prepared = prep.transform(subset).select(STEP, TARGET, _VECTOR).persist()
+    prep = spark_prep_pipeline(plan.numeric_features, params.linear_stage).fit(subset)
+    vectors = [_VECTOR, _LINEAR_VECTOR] if params.linear_stage else [_VECTOR]
+    prepared = prep.transform(subset).select(STEP, TARGET, *vectors).persist()
+    features = model_features(plan.numeric_features, params.linear_stage)
     try:
         counts = {r[0]: r[1] for r in prepared.groupBy(block_index_column(blocks)).count().collect()}
         served = nearest_fitted([counts.get(i, 0) > 0 for i in range(len(blocks))])
-        regressors = {}
-        weights = np.zeros(len(plan.numeric_features) + 1)
+        block_stages: list[Any] = []
+        weights = np.zeros(len(features))
         for i in sorted(set(served)):
             rows = prepared.where(F.col(STEP).between(*blocks[i]))
-            regressors[i] = spark_regressor(len(plan.categories), params, f"{_BLOCK_PREDICTION}{i}").fit(rows)
-            weights += counts[i] * regressors[i].featureImportances.toArray()
+            vector = _VECTOR
+            if params.linear_stage:
+                regression, assembler = spark_linear_stage(i)
+                linear = regression.fit(rows)
+                rows, vector = assembler.transform(linear.transform(rows)), f"{_BLOCK_VECTOR}{i}"
+                block_stages += [linear, assembler]
+            trees = spark_regressor(len(plan.categories), params, f"{_BLOCK_PREDICTION}{i}", vector).fit(rows)
+            block_stages.append(trees)
+            weights += counts[i] * trees.featureImportances.toArray()
     finally:
         prepared.unpersist()
-    fitted = PipelineModel(stages=[*prep.stages, *regressors.values(), block_selector(blocks, served)])
+    fitted = PipelineModel(stages=[*prep.stages, *block_stages, block_selector(blocks, served)])
     seconds = time.perf_counter() - start
     mse = fitted.transform(subset).select(F.avg((F.col(_PREDICTION) - F.col(TARGET)) ** 2)).first()[0]
-    features = (*plan.numeric_features, SENSOR_FEATURE)
     importances = _normalise(weights.tolist())
     return GBTModel(
         region=plan.region,
@@ -737,7 +808,7 @@ def _local_predict_fn(
     specs: Any,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The mapInPandas function; ``specs`` = broadcast of group -> (model texts, step
-    blocks, numeric features, sensors, target)."""
+    blocks, numeric features, sensors, target, linear stages)."""
 
     def predict(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import lightgbm as lgb
@@ -748,10 +819,10 @@ def _local_predict_fn(
                 spec = specs.value.get(key)
                 if spec is None:
                     continue
-                texts, blocks, numeric, categories, target = spec
+                texts, blocks, numeric, categories, target, linear = spec
                 if key not in boosters:
                     boosters[key] = [lgb.Booster(model_str=t) for t in texts]
-                y_pred = predict_lightgbm(boosters[key], part, numeric, categories, blocks, target)
+                y_pred = predict_lightgbm(boosters[key], part, numeric, categories, blocks, target, linear)
                 out = part[["sensor_id", "metric", "region", ORIGIN_TS, TARGET_TS, STEP]].assign(y_pred=y_pred)
                 yield out.assign(model=MODEL_NAME)[list(PREDICTION_COLUMNS)]
 
@@ -761,7 +832,7 @@ def _local_predict_fn(
 def _predict_local(models: Sequence[GBTModel], rows: DataFrame) -> DataFrame:
     spark = rows.sparkSession
     specs = {
-        (m.region, m.metric): (tuple(m.model), m.step_blocks, m.numeric_features, m.categories, m.target)
+        (m.region, m.metric): (tuple(m.model), m.step_blocks, m.numeric_features, m.categories, m.target, m.linear)
         for m in models
     }
     broadcast = spark.sparkContext.broadcast(specs)
@@ -881,7 +952,8 @@ def log_model_mlflow(model: GBTModel, artifact_path: str, dfs_tmpdir: str | None
         info = mlflow.pyfunc.log_model(
             name=artifact_path,
             python_model=LightGBMBlocks(
-                tuple(model.model), model.step_blocks, model.numeric_features, model.categories, model.target
+                tuple(model.model), model.step_blocks, model.numeric_features, model.categories, model.target,
+                tuple(s.to_json() for s in model.linear),
             ),
             pip_requirements=[f"lightgbm=={lgb.__version__}", "pandas", "numpy", f"mlflow=={mlflow.__version__}"],
             metadata=metadata,
@@ -919,14 +991,18 @@ def load_model_mlflow(uri: str, engine: str, dfs_tmpdir: str | None = None) -> G
         import mlflow.lightgbm
 
         fitted: Any = (mlflow.lightgbm.load_model(uri).model_to_string(),)
+        linear: tuple[LinearStage, ...] = ()
     elif engine == "local":
         import mlflow.pyfunc
 
-        fitted = tuple(mlflow.pyfunc.load_model(uri).unwrap_python_model().texts)
+        served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        fitted = tuple(served.texts)
+        linear = tuple(LinearStage.from_json(t) for t in getattr(served, "linear", ()))
     else:
         import mlflow.spark
 
         fitted = mlflow.spark.load_model(uri, dfs_tmpdir=dfs_tmpdir)
+        linear = ()
     return GBTModel(
         region=meta["region"],
         metric=meta["metric"],
@@ -941,4 +1017,5 @@ def load_model_mlflow(uri: str, engine: str, dfs_tmpdir: str | None = None) -> G
         rmse=float(meta["rmse"]),
         target=meta.get("target", "level"),  # models logged before targets were recorded
         blocks=tuple(tuple(b) for b in meta.get("blocks", ())),
+        linear=linear,
     )

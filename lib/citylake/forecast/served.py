@@ -55,23 +55,28 @@ class ServedForecaster(mlflow.pyfunc.PythonModel):
 class LightGBMBlocks(mlflow.pyfunc.PythonModel):
     """A local-engine GBT model (:mod:`citylake.forecast.gbt`) as a pyfunc: the LightGBM
     text of each step block, the blocks, the numeric features, the sensor categories and
-    the target. ``predict`` takes the training-set columns (``sensor_id``, ``step``,
-    ``value``, the features) and returns the forecast in the metric's unit."""
+    the target, and each block's linear stage as JSON (empty for models without one).
+    ``predict`` takes the training-set columns (``sensor_id``, ``step``, ``value``, the
+    features) and returns the forecast in the metric's unit."""
 
-    def __init__(self, texts, blocks, numeric, categories, target: str):
+    def __init__(self, texts, blocks, numeric, categories, target: str, linear=()):
         self.texts = tuple(texts)
         self.blocks = tuple(tuple(b) for b in blocks)
         self.numeric = tuple(numeric)
         self.categories = tuple(categories)
         self.target = target
+        self.linear = tuple(linear)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         import lightgbm as lgb
 
         from citylake.forecast.gbt import predict_lightgbm
+        from citylake.forecast.linear_stage import LinearStage
 
         boosters = [lgb.Booster(model_str=t) for t in self.texts]
-        return predict_lightgbm(boosters, model_input, self.numeric, self.categories, self.blocks, self.target)
+        # getattr: models pickled before the linear stage existed have no such attribute.
+        linear = [LinearStage.from_json(t) for t in getattr(self, "linear", ())]
+        return predict_lightgbm(boosters, model_input, self.numeric, self.categories, self.blocks, self.target, linear)
 
 
 def log_served_model(family: str, region: str, metric: str, coefficients: pd.DataFrame | None) -> str:

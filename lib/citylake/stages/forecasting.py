@@ -102,7 +102,7 @@ def _gbt_params(lake: Lake) -> gbt.GBTParams:
         n_trees=fc.gbt_trees, max_depth=fc.gbt_max_depth, learning_rate=fc.gbt_learning_rate,
         min_rows_per_leaf=fc.gbt_min_rows_per_leaf, subsample=fc.gbt_subsample,
         feature_fraction=fc.gbt_feature_fraction, steps_per_model=fc.gbt_steps_per_model,
-        max_bins=fc.gbt_max_bins,
+        max_bins=fc.gbt_max_bins, linear_stage=fc.gbt_linear_stage,
     )
 
 
