@@ -43,6 +43,13 @@ and the sensor as a categorical feature named ``sensor``:
   which the trainer sets per group (one-hot would also work, but widens every row and
   trees split one sensor at a time).
 
+Linear stage (``GBTParams.linear_stage``, on by default): each step model first fits a
+ridge regression on its numeric features and the trees get its forecast as one more
+input, ``linear_forecast`` (last in :func:`model_features`); see
+:mod:`citylake.forecast.linear_stage`. ``local`` keeps the stages beside the LightGBM
+texts (:attr:`GBTModel.linear`); ``spark-ml`` holds them as ``Imputer`` /
+``LinearRegression`` / ``VectorAssembler`` stages of its PipelineModel.
+
 Missing feature values: LightGBM handles NaN natively. Spark ML trees do not, so the
 spark-ml pipeline starts with a ``SQLTransformer`` that replaces nulls by
 :data:`SPARK_MISSING` (far below any physical value, so a tree can isolate "missing"
