@@ -459,7 +459,7 @@ def fit_lightgbm(
     import lightgbm as lgb
 
     y = pdf[TARGET].to_numpy(dtype="float64")
-    linear = fit_linear_stage(pdf, numeric, y, DEFAULT_L2) if params.linear_stage else None
+    linear = fit_linear_stage(pdf, numeric, y) if params.linear_stage else None
     X = _design(pdf, numeric, categories, linear)
     booster = lgb.LGBMRegressor(**params.lightgbm_kwargs()).fit(X, y, categorical_feature=[SENSOR_FEATURE]).booster_
     rmse = float(np.sqrt(np.mean((booster.predict(X) - y) ** 2)))

@@ -70,8 +70,12 @@ class LinearStage:
                            float(d["intercept"]))
 
 
-def _standardised(pdf: pd.DataFrame, stage_features: Sequence[str], mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    X = pdf[list(stage_features)].to_numpy(dtype="float64")
+def _inputs(pdf: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    return pdf[list(features)].to_numpy(dtype="float64")
+
+
+def _standardised(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(X - mean) / scale`` with a missing value at its mean (0)."""
     Z = (X - mean) / scale
     return np.where(np.isnan(Z), 0.0, Z)
 
@@ -80,7 +84,7 @@ def fit_linear_stage(pdf: pd.DataFrame, numeric: Sequence[str], y: np.ndarray, l
     """Fit the stage on training rows ``pdf`` (columns ``numeric``) and target ``y``:
     minimises ``mean((y - forecast)^2) + l2 * |coef|^2`` (standardised features)."""
     features = linear_inputs(numeric)
-    X = pdf[features].to_numpy(dtype="float64")
+    X = _inputs(pdf, features)
     with warnings.catch_warnings():  # a column without any value in these rows: mean 0, scale 1
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(X, axis=0) if len(X) else np.zeros(len(features))
@@ -88,7 +92,7 @@ def fit_linear_stage(pdf: pd.DataFrame, numeric: Sequence[str], y: np.ndarray, l
     mean = np.where(np.isnan(mean), 0.0, mean)
     # No spread: its standardised column is 0 in every row, and the penalty gives it weight 0.
     scale = np.where(np.isnan(scale) | (scale <= 1e-12), 1.0, scale)
-    Z = _standardised(pdf, features, mean, scale)
+    Z = _standardised(X, mean, scale)
     y = np.asarray(y, dtype="float64")
     y_mean = float(y.mean()) if len(y) else 0.0
     n = max(len(y), 1)
@@ -102,5 +106,5 @@ def fit_linear_stage(pdf: pd.DataFrame, numeric: Sequence[str], y: np.ndarray, l
 
 def linear_forecast(stage: LinearStage, pdf: pd.DataFrame) -> np.ndarray:
     """The stage's forecast for each row of ``pdf`` (needs the stage's feature columns)."""
-    Z = _standardised(pdf, stage.features, np.asarray(stage.mean), np.asarray(stage.scale))
+    Z = _standardised(_inputs(pdf, stage.features), np.asarray(stage.mean), np.asarray(stage.scale))
     return stage.intercept + Z @ np.asarray(stage.coef)
