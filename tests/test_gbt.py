@@ -332,6 +332,26 @@ def test_the_linear_stage_is_part_of_each_block_model_and_can_be_left_out(traine
     assert len(pred) == 3 * 3 and all(math.isfinite(r["y_pred"]) for r in pred)
 
 
+def test_a_group_without_linear_inputs_trains_without_the_stage_in_both_engines(gold):
+    # Only the target calendar and the step as numeric features: nothing for the ridge.
+    train = gbt._as_target(training_set(gold, 2, INTERVALS, [], 1.0), "change").cache()
+    calendar = [c for c in numeric_feature_candidates(gold.columns, []) if c in CALENDAR_FEATURES or c == "step"]
+    plans = [replace(p, numeric_features=tuple(calendar))
+             for p in gbt.plan_groups(train, calendar, "local", gbt.DEFAULT_SPARK_MIN_ROWS)][:1]
+    assert not gbt.uses_linear_stage(plans[0].numeric_features, TINY) and gbt.uses_linear_stage(["value"], TINY)
+    [local] = gbt._train_local(train, plans, TINY, 2, 1)
+    spark_ml = gbt._train_spark_group(train, plans[0], TINY, 2, "test")
+    train.unpersist()
+    for model in (local, spark_ml):
+        assert "linear_forecast" not in model.features and model.features[-1] == "sensor"
+    assert local.linear == ()
+    assert not any(type(s).__name__ == "LinearRegressionModel" for s in spark_ml.model.stages)
+    origins = at_origin(gold, 300).where(F.col("region") == plans[0].region)
+    for model in (local, spark_ml):
+        rows = gbt.predict_gbt([model], origins, 2).collect()
+        assert len(rows) == 3 * 2 and all(math.isfinite(r["y_pred"]) for r in rows)
+
+
 def test_unseen_sensor_still_gets_a_forecast(trained, gold):
     renamed = at_origin(gold, 300).withColumn("sensor_id", F.concat("sensor_id", F.lit("_new")))
     for models in trained.values():

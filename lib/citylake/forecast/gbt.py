@@ -449,6 +449,13 @@ def _normalise(values: Sequence[float]) -> list[float]:
     return [float(v) / total if total > 0 else 0.0 for v in values]
 
 
+def uses_linear_stage(numeric: Sequence[str], params: GBTParams) -> bool:
+    """Whether a group's models get the linear stage: when ``params.linear_stage`` asks
+    for it and the group has inputs for it (a group whose only numeric features are the
+    target calendar and ``step`` has none, and then trains without it in both engines)."""
+    return params.linear_stage and bool(linear_inputs(numeric))
+
+
 def fit_lightgbm(
     pdf: pd.DataFrame, numeric: Sequence[str], categories: Sequence[str], params: GBTParams
 ) -> tuple[str, list[float], float, LinearStage | None]:
@@ -459,7 +466,7 @@ def fit_lightgbm(
     import lightgbm as lgb
 
     y = pdf[TARGET].to_numpy(dtype="float64")
-    linear = fit_linear_stage(pdf, numeric, y) if params.linear_stage else None
+    linear = fit_linear_stage(pdf, numeric, y) if uses_linear_stage(numeric, params) else None
     X = _design(pdf, numeric, categories, linear)
     booster = lgb.LGBMRegressor(**params.lightgbm_kwargs()).fit(X, y, categorical_feature=[SENSOR_FEATURE]).booster_
     rmse = float(np.sqrt(np.mean((booster.predict(X) - y) ** 2)))
@@ -581,7 +588,8 @@ def _train_local(
         fitted = by_group[plan.key]
         served = nearest_fitted([i in fitted for i in range(len(blocks))])
         n_train = sum(int(r["n_train"]) for r in fitted.values())
-        features = model_features(plan.numeric_features, params.linear_stage)
+        with_linear = uses_linear_stage(plan.numeric_features, params)
+        features = model_features(plan.numeric_features, with_linear)
         models.append(
             GBTModel(
                 region=plan.region,
@@ -597,7 +605,7 @@ def _train_local(
                 rmse=math.sqrt(sum(float(r["sse"]) for r in fitted.values()) / n_train),
                 blocks=blocks,
                 linear=tuple(LinearStage.from_json(fitted[j]["linear"]) for j in served)
-                if params.linear_stage else (),
+                if with_linear else (),
             )
         )
     return models
@@ -701,10 +709,11 @@ def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, hor
     subset = train.where((F.col("region") == plan.region) & (F.col("metric") == plan.metric))
     blocks = step_blocks(horizon, params.steps_per_model)
     start = time.perf_counter()
-    prep = spark_prep_pipeline(plan.numeric_features, params.linear_stage).fit(subset)
-    vectors = [_VECTOR, _LINEAR_VECTOR] if params.linear_stage else [_VECTOR]
+    with_linear = uses_linear_stage(plan.numeric_features, params)
+    prep = spark_prep_pipeline(plan.numeric_features, with_linear).fit(subset)
+    vectors = [_VECTOR, _LINEAR_VECTOR] if with_linear else [_VECTOR]
     prepared = prep.transform(subset).select(STEP, TARGET, *vectors).persist()
-    features = model_features(plan.numeric_features, params.linear_stage)
+    features = model_features(plan.numeric_features, with_linear)
     try:
         counts = {r[0]: r[1] for r in prepared.groupBy(block_index_column(blocks)).count().collect()}
         served = nearest_fitted([counts.get(i, 0) > 0 for i in range(len(blocks))])
@@ -713,7 +722,7 @@ def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, hor
         for i in sorted(set(served)):
             rows = prepared.where(F.col(STEP).between(*blocks[i]))
             vector = _VECTOR
-            if params.linear_stage:
+            if with_linear:
                 regression, assembler = spark_linear_stage(i)
                 linear = regression.fit(rows)
                 rows, vector = assembler.transform(linear.transform(rows)), f"{_BLOCK_VECTOR}{i}"
