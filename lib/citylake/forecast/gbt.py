@@ -142,6 +142,9 @@ FAIR_SCHEDULER_CONF = {"spark.scheduler.mode": "FAIR"}
 POOL_PREFIX = "citylake-gbt"
 #: Stand-in for a missing feature value in Spark ML (its trees cannot split on null/NaN).
 SPARK_MISSING = -1.0e9
+#: Training rows per partition of a spark-ml group's cached feature vectors (at most; a
+#: group never gets more partitions than its input has): ~20 MB of 25 doubles per task.
+SPARK_ROWS_PER_PARTITION = 100_000
 
 _BUCKET = "_bucket"
 _BLOCK = "_block"
@@ -712,7 +715,13 @@ def _train_spark_group(train: DataFrame, plan: GroupPlan, params: GBTParams, hor
     with_linear = uses_linear_stage(plan.numeric_features, params)
     prep = spark_prep_pipeline(plan.numeric_features, with_linear).fit(subset)
     vectors = [_VECTOR, _LINEAR_VECTOR] if with_linear else [_VECTOR]
-    prepared = prep.transform(subset).select(STEP, TARGET, *vectors).persist()
+    prepared = prep.transform(subset).select(STEP, TARGET, *vectors)
+    # A Spark ML fit is hundreds of small jobs (one per tree level): on few rows, every
+    # extra partition is one more task per job. One partition per SPARK_ROWS_PER_PARTITION
+    # rows keeps a small group's jobs to one task, so concurrent groups overlap instead
+    # of queueing for the same cores; a large group keeps up to its input's partitions.
+    # (coalesce never adds partitions.)
+    prepared = prepared.coalesce(max(1, math.ceil(plan.n_train / SPARK_ROWS_PER_PARTITION))).persist()
     features = model_features(plan.numeric_features, with_linear)
     try:
         counts = {r[0]: r[1] for r in prepared.groupBy(block_index_column(blocks)).count().collect()}
