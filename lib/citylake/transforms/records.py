@@ -255,19 +255,11 @@ def collapse_exact_duplicates(typed: DataFrame) -> DataFrame:
 def flag_lake_duplicates(unique: DataFrame, existing_keys: DataFrame) -> DataFrame:
     """Adds ``in_lake``: the reading already exists in bronze (from an earlier batch).
 
-    ``existing_keys`` holds (sensor_id, metric, ts, value) of bronze rows in the dates
-    the batch touches, so the join prunes to those partitions; its ``reading_date`` is
-    used when present, else derived from ``ts`` as :func:`type_records` does.
-
-    The join keys are the grouping keys of :func:`collapse_exact_duplicates` (the reading
-    date follows from ``ts``, so adding it changes no match): the collapsed rows arrive
-    partitioned by them and only the lake's side is shuffled for the join.
+    ``existing_keys`` holds distinct (sensor_id, metric, ts, value) of bronze rows in the
+    dates the batch touches, so the join prunes to those partitions.
     """
-    date = F.col("reading_date") if "reading_date" in existing_keys.columns else F.to_date("ts")
-    keys = [*READING_KEY, "reading_date"]
-    marked = (existing_keys.select(*READING_KEY, date.alias("reading_date")).distinct()
-              .withColumn("in_lake", F.lit(True)))
-    return unique.join(marked, on=keys, how="left").withColumn(
+    marked = existing_keys.select(*READING_KEY).distinct().withColumn("in_lake", F.lit(True))
+    return unique.join(marked, on=READING_KEY, how="left").withColumn(
         "in_lake", F.coalesce("in_lake", F.lit(False))
     )
 
