@@ -194,3 +194,19 @@ def test_odd_files_do_not_block_the_batch(lake: Lake):
     assert (batch.files, batch.raw_rows, batch.accepted) == (2, 1, 1)
     extra = lake.read("bronze_readings").first()["extra_json"]
     assert extra == '{"pm2.5":"2.0"}'
+
+
+def test_listing_sees_empty_and_oddly_named_files_and_skips_hidden_ones(lake: Lake):
+    registry(lake)
+    land(lake, "2026-01-05", "empty.csv", "")
+    land(lake, "2026-01-05", "with space ü.csv", HEADER + readings(3))
+    land(lake, "2026-01-05", "not-gzip.csv.gz", "plain text, not gzip")
+    land(lake, "2026-01-05", ".hidden.csv", HEADER + readings(4))
+    land(lake, "2026-01-05", "_scratch/x.csv", HEADER + readings(5))
+    listed = sorted(Path(f.path.replace("file:", "")).name for f in lake.list_files(lake.raw_readings))
+    assert listed == ["empty.csv", "not-gzip.csv.gz", "with space ü.csv"]
+    assert {f.size for f in lake.list_files(lake.raw_readings) if f.path.endswith("empty.csv")} == {0}
+    (batch,) = run_ingest(lake, now=NOW).batches
+    assert {Path(k).name: v for k, v in batch.rejected.items()} == {
+        "empty.csv": "empty_file", "not-gzip.csv.gz": "unreadable_file"}
+    assert (batch.files, batch.raw_rows, batch.accepted) == (3, 3, 3)

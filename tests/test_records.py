@@ -118,6 +118,18 @@ def test_exact_duplicates_collapse_and_lake_duplicates_are_flagged(spark, catalo
                        ignore_row_order=True, ignore_nullable=True)
 
 
+def test_staged_records_keep_raw_text_only_for_quarantined_records(spark, catalogue):
+    bad = "s1,2026-01-05T08:00:00Z,traffic_flow,abc,v1"
+    staged = R.staged_records(_typed(spark, catalogue, [GOOD, bad]))
+    expected = spark.createDataFrame(
+        [(None, None, None, None, 12.0), ("bad_value", bad, "2026-01-05T08:00:00Z", "abc", None)],
+        "quarantine_reason string, raw_record string, ts_raw string, value_raw string, value double")
+    assert_df_equality(staged.select(*expected.columns), expected, ignore_row_order=True, ignore_nullable=True)
+    # What the quarantine and bronze steps read is all still there.
+    assert {"source_file", "source_format", "sensor_id", "metric", "ts", "reading_date", "extra_json",
+            "quarantine_detail"} <= set(staged.columns)
+
+
 @pytest.mark.parametrize("name,fmt", [("a.csv", "csv"), ("a.CSV.GZ", "csv"), ("a.jsonl.gz", "json"),
                                       ("a.ndjson", "json"), ("a.parquet", "parquet"), ("a.xlsx", None),
                                       ("a.gz", None)])

@@ -269,8 +269,10 @@ def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
     """Sort files by format and header/schema; reject what cannot be read at all."""
     groups = _FileGroups()
     required = lake.catalogue.required_fields
+    formats = {f.path: lake.catalogue.format_of(f.path) for f in files}
+    first_lines = lake.read_first_lines([p for p, fmt in formats.items() if fmt in ("csv", "json")])
     for f in files:
-        fmt = lake.catalogue.format_of(f.path)
+        fmt = formats[f.path]
         if fmt is None:
             groups.rejected[f.path] = ("unsupported_format", "suffix not in schemas/raw_reading.yaml formats")
         elif fmt == "parquet":
@@ -289,10 +291,9 @@ def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
             else:
                 groups.parquet.setdefault(schema.json(), []).append(f.path)
         else:
-            try:
-                first = lake.read_first_line(f.path)
-            except Exception as exc:  # noqa: BLE001 - corrupt compression, permissions...
-                groups.rejected[f.path] = ("unreadable_file", _short(exc))
+            first = first_lines[f.path]
+            if isinstance(first, Exception):  # corrupt compression, permissions...
+                groups.rejected[f.path] = ("unreadable_file", _short(first))
                 continue
             if "\x00" in (first or ""):
                 groups.rejected[f.path] = ("unreadable_file", "binary content in a text format")
@@ -397,9 +398,7 @@ def _stage_typed(lake: Lake, groups: _FileGroups, now: dt.datetime, registry_ver
         metrics = [F.count(F.lit(1)).alias("raw_rows"),
                    F.collect_set(F.when(reason.isNull(), F.col("reading_date"))).alias("dates")]
         metrics += [F.sum((reason == code).cast("long")).alias(code) for code in reasons]
-        staged = typed.observe(observed, *metrics).withColumn(
-            # Accepted records keep their parsed fields; their raw text is not needed again.
-            "raw_record", F.when(reason.isNotNull(), F.col("raw_record")))
+        staged = R.staged_records(typed.observe(observed, *metrics))
         try:
             staged.write.mode("overwrite").parquet(out)
         except Exception:
