@@ -287,19 +287,10 @@ class Lake:
             stream.close()
         return head == b"PAR1" and tail == b"PAR1"
 
-    def read_first_line(self, file_path: str) -> str | None:
-        """First line of a text file (decompressing by suffix), or None if it is empty.
-
-        Raises the underlying error when the file cannot be read (e.g. corrupt gzip).
-        """
-        result = self.read_first_lines([file_path])[file_path]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     def read_first_lines(self, file_paths: list[str], threads: int = 8) -> dict[str, str | None | Exception]:
-        """First line of each text file (see :meth:`read_first_line`); a file that cannot
-        be read maps to its exception instead of raising.
+        """First line of each text file (decompressing by suffix; None for an empty file).
+        A file that cannot be read (corrupt gzip, permissions...) maps to its exception
+        instead of raising.
 
         Each file takes a handful of py4j round trips (~12 ms locally), so files are read
         by ``threads`` threads at once (py4j gives each thread its own connection).

@@ -223,10 +223,6 @@ def type_records(
     ).drop("_known")
 
 
-#: Columns of a typed record that only a quarantined record still needs.
-RAW_TEXT_COLUMNS = ("raw_record", "ts_raw", "value_raw")
-
-
 def staged_records(typed: DataFrame) -> DataFrame:
     """The typed records narrowed to what the quarantine and bronze steps read.
 
@@ -235,11 +231,14 @@ def staged_records(typed: DataFrame) -> DataFrame:
     every reading to the staging copy cost ~15% of staging (``bench/RESULTS.md``).
     """
     rejected = F.col("quarantine_reason").isNotNull()
-    raw_text = {c: F.when(rejected, F.col(c)) for c in RAW_TEXT_COLUMNS}
+
+    def raw_text(column: str) -> Column:
+        return F.when(rejected, F.col(column)).alias(column)
+
     return typed.select(
-        "source_file", "source_format", *[raw_text[c].alias(c) if c in raw_text else c for c in
-                                          ("raw_record", "sensor_id", "metric", "ts_raw", "value_raw")],
-        "extra_json", "ts", "value", "reading_date", "quarantine_reason", "quarantine_detail",
+        "source_file", "source_format", raw_text("raw_record"), "sensor_id", "metric",
+        raw_text("ts_raw"), raw_text("value_raw"), "extra_json", "ts", "value", "reading_date",
+        "quarantine_reason", "quarantine_detail",
     )
 
 
