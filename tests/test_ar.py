@@ -296,7 +296,7 @@ def fitted(panel):
     from citylake.forecast import ar_spark
 
     _, _, df = panel
-    return ar_spark.fit_ar(df, p=P, n_buckets=4).orderBy("sensor_id").toPandas()
+    return ar_spark.fit_ar(df, p=P).orderBy("sensor_id").toPandas()
 
 
 def test_spark_fit_equals_numpy(panel, fitted):
@@ -340,7 +340,7 @@ def test_spark_order_selection_and_unfilled(panel):
 
     values, _, df = panel
     matrix = reference_matrix(values)
-    out = ar_spark.fit_ar(df, candidates=[1, 2, 3, 4], criterion="bic", n_buckets=3).orderBy("sensor_id").toPandas()
+    out = ar_spark.fit_ar(df, candidates=[1, 2, 3, 4], criterion="bic").orderBy("sensor_id").toPandas()
     orders, ref = ar.select_order(matrix, [1, 2, 3, 4], "bic")
     assert out["p"].tolist() == orders.tolist() and (out["criterion"] == "bic").all()
     for i, coefs in enumerate(out["coefs"]):
@@ -428,3 +428,42 @@ def test_spark_fit_reads_gold_features_value_column(panel, fitted):
     gold = df.where("sensor_id = 's0'").drop("is_gap").withColumnRenamed("value_clean", "value")
     out = ar_spark.fit_ar(gold, p=P).toPandas()
     np.testing.assert_allclose(out["coefs"][0], fitted["coefs"][0], atol=1e-12)
+
+
+def test_spark_fit_assembles_shuffled_split_series_with_duplicates(spark, panel, fitted):
+    """Rows in random order over many partitions (so the series lists are merged from
+    several tasks), a duplicated step (the larger value wins), and a series that moved
+    region (the newest step's region is reported)."""
+    from citylake.forecast import ar_spark
+
+    values, frame, _ = panel
+    one = frame[frame["sensor_id"] == "s1"].copy()
+    one.loc[one.index[-5:], "region"] = "east"  # moved region for its last 5 steps
+    duplicate = one.iloc[[40]].copy()
+    duplicate["value_clean"] = duplicate["value_clean"] - 1000.0  # smaller: must lose
+    rows = pd.concat([one, duplicate]).sample(frac=1.0, random_state=3)
+    df = spark.createDataFrame(rows).repartition(7)
+    out = ar_spark.fit_ar(df, p=P).toPandas()
+    assert len(out) == 1 and out["region"][0] == "east"
+    np.testing.assert_allclose(out["coefs"][0], fitted["coefs"][1], atol=1e-9)
+    assert out["n_train"][0] == fitted["n_train"][1]
+
+    bigger = duplicate.copy()
+    bigger["value_clean"] = bigger["value_clean"] + 2000.0  # larger: must win
+    df = spark.createDataFrame(pd.concat([one, bigger]).sample(frac=1.0, random_state=4)).repartition(5)
+    changed = ar_spark.fit_ar(df, p=P).toPandas()
+    edited = values[1].copy()
+    edited[40] += 1000.0
+    ref = ar.fit_many(edited[None, :], P)
+    np.testing.assert_allclose(changed["coefs"][0], ref.coefs[0], atol=1e-9)
+
+
+def test_series_lists_one_row_per_series(spark, panel):
+    from citylake.forecast import ar_spark
+
+    _, frame, df = panel
+    lists = ar_spark.series_lists(ar_spark.prepare_series(df)).orderBy("sensor_id").toPandas()
+    assert lists["sensor_id"].tolist() == sorted(frame["sensor_id"].unique())
+    usable = frame[frame["value_clean"].notna()].groupby("sensor_id").size()
+    assert [len(v) for v in lists["_values"]] == usable.sort_index().tolist()
+    assert [len(s) for s in lists["_steps"]] == usable.sort_index().tolist()
