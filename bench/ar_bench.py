@@ -203,10 +203,10 @@ def run_floor(spark: SparkSession, data: str, out: str) -> None:
     agg.write.format("delta").mode("overwrite").save(out)
 
 
-def run_citylake(spark: SparkSession, data: str, out: str, p: int) -> None:
+def run_citylake(spark: SparkSession, data: str, out: str, p: int, buckets: int) -> None:
     """(a) citylake's AR fit of every series, written as Delta."""
     df = spark.read.format("delta").load(data)
-    ar_spark.fit_ar(df, p=p).write.format("delta").mode("overwrite").save(out)
+    ar_spark.fit_ar(df, p=p, n_buckets=buckets).write.format("delta").mode("overwrite").save(out)
 
 
 def statsmodels_loop(values: np.ndarray, p: int) -> tuple[float, np.ndarray]:
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=10_000)
     parser.add_argument("--points", type=int, default=2_000)
     parser.add_argument("--p", type=int, default=12)
-    parser.add_argument("--buckets", type=int, default=ar_spark.DEFAULT_BUCKETS, help="buckets of design (f)")
+    parser.add_argument("--buckets", type=int, default=ar_spark.DEFAULT_BUCKETS)
     parser.add_argument("--repeat", type=int, default=2, help="runs of (a) and (b), alternating; best reported")
     parser.add_argument("--sample", type=int, default=200, help="series for the statsmodels loop")
     parser.add_argument("--sf-sample", type=int, default=100, help="series for statsforecast (0 = skip)")
@@ -274,7 +274,7 @@ def main() -> None:
             print(f"run {r + 1}/{args.repeat}", flush=True)
             runs["floor"].append(measured("(b) floor      ", lambda: run_floor(spark, data, str(work / "floor")), jvm_pid))
             runs["citylake"].append(measured(
-                "(a) citylake   ", lambda: run_citylake(spark, data, str(work / "coefs"), args.p), jvm_pid))
+                "(a) citylake   ", lambda: run_citylake(spark, data, str(work / "coefs"), args.p, args.buckets), jvm_pid))
             if args.window_sums:
                 holder: list[np.ndarray] = []
                 runs["window"].append(measured(

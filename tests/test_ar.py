@@ -296,7 +296,7 @@ def fitted(panel):
     from citylake.forecast import ar_spark
 
     _, _, df = panel
-    return ar_spark.fit_ar(df, p=P).orderBy("sensor_id").toPandas()
+    return ar_spark.fit_ar(df, p=P, n_buckets=4).orderBy("sensor_id").toPandas()
 
 
 def test_spark_fit_equals_numpy(panel, fitted):
@@ -340,7 +340,7 @@ def test_spark_order_selection_and_unfilled(panel):
 
     values, _, df = panel
     matrix = reference_matrix(values)
-    out = ar_spark.fit_ar(df, candidates=[1, 2, 3, 4], criterion="bic").orderBy("sensor_id").toPandas()
+    out = ar_spark.fit_ar(df, candidates=[1, 2, 3, 4], criterion="bic", n_buckets=3).orderBy("sensor_id").toPandas()
     orders, ref = ar.select_order(matrix, [1, 2, 3, 4], "bic")
     assert out["p"].tolist() == orders.tolist() and (out["criterion"] == "bic").all()
     for i, coefs in enumerate(out["coefs"]):
@@ -456,14 +456,3 @@ def test_spark_fit_assembles_shuffled_split_series_with_duplicates(spark, panel,
     edited[40] += 1000.0
     ref = ar.fit_many(edited[None, :], P)
     np.testing.assert_allclose(changed["coefs"][0], ref.coefs[0], atol=1e-9)
-
-
-def test_series_lists_one_row_per_series(spark, panel):
-    from citylake.forecast import ar_spark
-
-    _, frame, df = panel
-    lists = ar_spark.series_lists(ar_spark.prepare_series(df)).orderBy("sensor_id").toPandas()
-    assert lists["sensor_id"].tolist() == sorted(frame["sensor_id"].unique())
-    usable = frame[frame["value_clean"].notna()].groupby("sensor_id").size()
-    assert [len(v) for v in lists["_values"]] == usable.sort_index().tolist()
-    assert [len(s) for s in lists["_steps"]] == usable.sort_index().tolist()

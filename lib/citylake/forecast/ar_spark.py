@@ -3,35 +3,38 @@
 A series is one ``(sensor_id, metric)`` on its regular grid; the model and its
 conventions (gaps, filled points, sigma, AIC/BIC) are those of :mod:`citylake.forecast.ar`.
 
-Design: series lists by a Spark aggregate, then an Arrow UDF per batch of series
--------------------------------------------------------------------------------
-1. Each row gets its grid step ``floor(epoch / interval_s)``. An object hash aggregate
-   (:func:`series_lists`) collects every series' steps and values into two lists.
-   Partial aggregation collects them *before* the shuffle, so the shuffle carries one
-   row per series and input task, as the floor's count-and-sum does, not one per reading.
-2. ``mapInArrow`` hands batches of whole series to Python. Arrow list columns arrive as
-   one flat buffer of steps and one of values plus offsets, so each batch becomes a
-   ``(n_series, T)`` NaN matrix by grid position (right-aligned on each series' newest
-   step, absent steps NaN, shorter series left-padded) in a few numpy operations, and
-   :func:`ar.fit_many` / :func:`ar.select_order` run once per group of similar length.
-   Python work is per batch, never per row or per series.
+Design: blocks by a Spark aggregate, then a grouped Arrow UDF over buckets of series
+-----------------------------------------------------------------------------------
+1. Each row gets its grid step ``floor(epoch / interval_s)``. A native hash aggregate
+   groups rows by (series, step // B) and spreads the values over B columns
+   ``_v0 .. _v{B-1}`` (B = :data:`BLOCK_STEPS` = 32). Partial aggregation packs the rows
+   *before* the shuffle, so the shuffle and the JVM -> Python transfer carry 1/32 as many
+   (32 times wider) rows.
+2. Block rows get a bucket ``pmod(xxhash64(sensor_id, metric), n_buckets)``;
+   ``groupBy(bucket).applyInArrow`` hands each bucket - many whole series - to one
+   Python call, which copies the block rows into a ``(n_series, T)`` NaN matrix by grid
+   position (right-aligned on each series' newest block, so absent grid rows are NaN
+   and shorter series are left-padded) and calls :func:`ar.fit_many` /
+   :func:`ar.select_order` once per group of similar length. Python work is per bucket,
+   never per row or per series.
 
 Why this shape (figures in ``bench/RESULTS_AR.md``):
 
-* ``spark.sql.objectHashAggregate.sortBased.fallbackThreshold`` is raised in
-  ``conf/base.yaml``: at Spark's default (128 series per task) the aggregate falls back to
-  sorting every row, and the fit took as long as the earlier design (blocks of 32 steps
-  by a native aggregate, then a grouped UDF over buckets of series): 9.4 s vs 9.6 s, with
-  the threshold raised 5.9 s, the floor 3.8 s (5,000 x 2,000). Memory: a task holds its
-  collected values on the JVM heap (tens of bytes each), at most about its input rows.
-* Arrow, not pandas: strings stay Arrow arrays, no Python object is made per value, and
-  the coefficient arrays are built as one ``ListArray``.
+* Arrow rather than pandas (``applyInArrow``, the same grouped-map UDF as
+  ``applyInPandas``): strings stay Arrow arrays (``take`` by index), no Python object is
+  created per value, and the coefficient arrays are built as one ``ListArray``.
+* Not one row per reading into the grouped UDF: that shuffles and sorts every row and
+  converts it to Arrow on its own; measured 1.4x the time (bench design (f)).
 * Not the other option of the issue - lag columns from window functions and the
   normal-equation sums (for AR(12): 105 X'X/X'y/y'y products) as Spark aggregates,
   solved afterwards: the windows need a shuffle *and* a sort of every row, then ~105
-  product columns per row; order selection would need one set of sums per candidate.
-  Measured 4x the time (``bench/ar_bench.py --window-sums``), and the same sums from
-  block rows in generated code 2x (session 7).
+  product columns per row; order selection would need one set of sums per candidate,
+  and the SSR could only come from ``y'y - b'X'y``. Measured 4x the time
+  (``bench/ar_bench.py --window-sums``).
+
+Cost: for 10k series x 2,000 points the fit takes ~2x the bench's data-movement floor
+(one row per series by a plain aggregate); the issue's target was 1.5x. The numpy fit is
+a small part of it; most is moving every value once through a shuffle into Python.
 
 Output: ``gold_ar_coefficients`` (:data:`GOLD_AR_COEFFICIENTS`; the entry for
 ``schemas/tables.yaml`` is :data:`TABLES_YAML_ENTRY`), its long form
@@ -42,7 +45,7 @@ Output: ``gold_ar_coefficients`` (:data:`GOLD_AR_COEFFICIENTS`; the entry for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,13 +58,16 @@ from citylake.forecast import ar
 
 #: AR order when none is configured (grid steps): one hour of 5-minute traffic data.
 DEFAULT_ORDER = 12
-#: Groups (buckets of forecast origins) of the forecast's grouped UDF. Each bucket is one
-#: Python call holding its histories in memory, so more buckets = smaller calls.
+#: Groups (buckets of series) of the grouped UDF. Each bucket is one Python call holding
+#: its series in memory, so more buckets = smaller calls; 64 keeps 10k x 2000-point
+#: series at ~160 series (~10k block rows, ~2.6 MB of values) per call.
 DEFAULT_BUCKETS = 64
-#: Cells (series x steps) of one value matrix in the fit UDF; a batch's series are
-#: fitted in groups of similar length so a few very long series cannot blow up its
-#: memory (64 MiB).
+#: Cells (series x steps) of one value matrix inside a bucket; longer series are fitted
+#: in smaller groups so one very long series cannot blow up a bucket's memory (64 MiB).
 MAX_MATRIX_CELLS = 8 * 2**20
+#: Grid steps per block row (stage 1). 32 measured cheaper than 64 in CPU time (fewer
+#: conditional aggregates per input row) and far cheaper than shipping single rows.
+BLOCK_STEPS = 32
 #: Default central prediction interval level.
 DEFAULT_LEVEL = 0.9
 
@@ -130,8 +136,7 @@ FORECAST_COLUMNS = (
 )
 
 # Internal column names.
-_SID, _BUCKET, _STEP, _Y, _INTERVAL = "_sid", "_bucket", "_step", "_y", "_interval_s"
-_STEPS, _VALUES = "_steps", "_values"
+_SID, _BUCKET, _BLOCK, _STEP, _Y, _INTERVAL = "_sid", "_bucket", "_block", "_step", "_y", "_interval_s"
 
 _FIT_SCHEMA = T.StructType(
     [
@@ -245,62 +250,62 @@ def prepare_series(
     )
 
 
-# -- stage 1 (Spark aggregate): rows -> one row per series --------------------------------
+# -- stage 1 (Spark aggregate): rows -> blocks of BLOCK_STEPS grid steps -----------------
 
 
-def series_lists(prepared: DataFrame) -> DataFrame:
-    """One row per series: its grid steps and values as two lists (same order, not
-    sorted), the region of its newest step, and its interval.
-
-    Columns out: sensor_id, metric, ``_interval_s``, ``_steps`` (array<long>), ``_values``
-    (array<double>), region. Rows without a usable value are left out, so a series with
-    none gets no row. ``collect_list`` is an object hash aggregate: each task collects
-    its rows per series before the shuffle, so one row per series and task crosses it.
-    It stays hash-based only up to
-    ``spark.sql.objectHashAggregate.sortBased.fallbackThreshold`` series per task (Spark's
-    default 128 is set higher in ``conf/base.yaml``; past it Spark sorts, which is
-    memory-safe but measured ~1.6x slower).
+def _blocks(prepared: DataFrame, width: int = BLOCK_STEPS) -> DataFrame:
+    """One row per series and block of :data:`BLOCK_STEPS` consecutive grid steps, the
+    values in columns ``_v0 .. _v{B-1}`` (null = no usable value), rows without a usable
+    value left out. A native hash aggregate: partial aggregation packs the rows before
+    the shuffle, and what reaches Python is 1/B as many (B times wider) rows.
+    ``max`` makes a duplicated (series, step) deterministic; silver has none. ``region``
+    is that of the block's newest step.
     """
+    block = F.floor(F.col(_STEP) / width).cast("long")
+    cells = [F.max(F.when(F.col("_k") == j, F.col(_Y))).alias(f"_v{j}") for j in range(width)]
     return (
         prepared.where(F.col(_Y).isNotNull())
-        .groupBy("sensor_id", "metric", _INTERVAL)
-        .agg(
-            F.collect_list(_STEP).alias(_STEPS),
-            F.collect_list(_Y).alias(_VALUES),
-            F.max_by("region", _STEP).alias("region"),
-        )
+        .withColumn(_BLOCK, block)
+        .withColumn("_k", F.col(_STEP) - F.col(_BLOCK) * width)
+        .groupBy("sensor_id", "metric", _INTERVAL, _BLOCK)
+        # Region is a value, not a key: a series that moves region inside a block must
+        # stay one block row (two rows of one block would overwrite each other's cells).
+        .agg(*cells, F.max_by("region", F.col(_STEP)).alias("region"))
     )
 
 
-# -- stage 2 (per Arrow batch): lists -> matrices -> numpy fit ---------------------------
+# -- stage 2 (grouped by bucket): blocks -> matrices -> numpy fit -----------------------------
 
 
 @dataclass(frozen=True)
-class _Lists:
-    """One Arrow batch of series lists as flat numpy arrays (no Python loop per value)."""
+class _Bucket:
+    """One bucket's block rows, indexed by series (no Python loop over rows or series)."""
 
-    steps: np.ndarray  # (V,) grid step of each value
-    values: np.ndarray  # (V,) the values
-    owner: np.ndarray  # (V,) series index (row of the batch) of each value
-    first: np.ndarray  # (S,) oldest step of each series
-    last: np.ndarray  # (S,) newest step of each series
+    cells: np.ndarray  # (R, B) values of each block row, NaN = missing
+    row_series: np.ndarray  # (R,) series index of each row
+    block: np.ndarray  # (R,) block number (grid step // B)
+    first_block: np.ndarray  # (S,) oldest block of each series
+    last_block: np.ndarray  # (S,) newest block of each series
+    label_row: np.ndarray  # (S,) a row of the series' newest block (carries its labels)
 
 
-def _lists_of(batch: pa.RecordBatch) -> _Lists:
-    steps = batch.column(batch.schema.get_field_index(_STEPS))
-    values = batch.column(batch.schema.get_field_index(_VALUES))
-    offsets = steps.offsets.to_numpy()
-    flat_steps = steps.values.to_numpy().astype(np.int64)
-    flat_values = values.values.to_numpy(zero_copy_only=False).astype(np.float64)
-    starts = offsets[:-1]
-    # series_lists() only emits series with at least one value, so no list is empty.
-    return _Lists(
-        steps=flat_steps,
-        values=flat_values,
-        owner=np.repeat(np.arange(len(starts)), np.diff(offsets)),
-        first=np.minimum.reduceat(flat_steps, starts) if len(starts) else flat_steps[:0],
-        last=np.maximum.reduceat(flat_steps, starts) if len(starts) else flat_steps[:0],
+def _bucket_of(table: pa.Table) -> _Bucket:
+    # The block width is read from the columns, so the UDF needs no module constant.
+    width = sum(1 for name in table.column_names if name.startswith("_v"))
+    cells = np.column_stack(
+        [table.column(f"_v{j}").to_numpy(zero_copy_only=False).astype(np.float64) for j in range(width)]
     )
+    block = table.column(_BLOCK).to_numpy()
+    _, row_series = np.unique(table.column(_SID).to_numpy(), return_inverse=True)
+    n_series = int(row_series.max()) + 1 if len(row_series) else 0
+    last = np.full(n_series, np.iinfo(np.int64).min)
+    np.maximum.at(last, row_series, block)
+    first = np.full(n_series, np.iinfo(np.int64).max)
+    np.minimum.at(first, row_series, block)
+    label_row = np.zeros(n_series, np.int64)
+    newest = np.flatnonzero(block == last[row_series])
+    label_row[row_series[newest]] = newest
+    return _Bucket(cells, row_series, block, first, last, label_row)
 
 
 def _series_groups(spans: np.ndarray, max_cells: int) -> list[np.ndarray]:
@@ -318,24 +323,20 @@ def _series_groups(spans: np.ndarray, max_cells: int) -> list[np.ndarray]:
     return groups
 
 
-def _matrix(lists: _Lists, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(len(series), width) values of ``series`` by grid position, right-aligned on each
-    series' newest step (absent steps NaN, shorter series left-padded), and the grid
-    step of column 0 of each row. A step given twice keeps the larger value."""
-    width = int((lists.last[series] - lists.first[series]).max()) + 1
-    row_of = np.full(len(lists.last), -1)
+def _matrix(bucket: _Bucket, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(len(series), n_blocks * B) values of ``series``, right-aligned on each series'
+    newest block, and the grid step of column 0 of each row. Whole block rows are
+    copied at once through a (series, block, B) view."""
+    width = bucket.cells.shape[1]
+    row_of = np.full(len(bucket.last_block), -1)
     row_of[series] = np.arange(len(series))
-    picked = np.flatnonzero(row_of[lists.owner] >= 0) if len(series) < len(lists.last) else slice(None)
-    owner, values = lists.owner[picked], lists.values[picked]
-    rows, cols = row_of[owner], width - 1 - (lists.last[owner] - lists.steps[picked])
-    matrix = np.full((len(series), width), np.nan)
-    matrix[rows, cols] = values
-    if np.count_nonzero(np.isfinite(matrix)) < len(values):
-        # Some cell was written twice and fancy assignment keeps an arbitrary one;
-        # fmax.at is slow but deterministic, and silver has no duplicates to pay it.
-        matrix[:] = np.nan
-        np.fmax.at(matrix, (rows, cols), values)
-    return matrix, lists.last[series] - width + 1
+    n_blocks = int((bucket.last_block[series] - bucket.first_block[series]).max()) + 1
+    matrix = np.full((len(series), n_blocks, width), np.nan)
+    rows = np.flatnonzero(row_of[bucket.row_series] >= 0)
+    s = bucket.row_series[rows]
+    matrix[row_of[s], n_blocks - 1 - (bucket.last_block[s] - bucket.block[rows])] = bucket.cells[rows]
+    base = (bucket.last_block[series] - n_blocks + 1) * width
+    return matrix.reshape(len(series), n_blocks * width), base
 
 
 def _keep_newest(matrix: np.ndarray, max_steps: int) -> None:
@@ -346,14 +347,15 @@ def _keep_newest(matrix: np.ndarray, max_steps: int) -> None:
     matrix[np.arange(matrix.shape[1])[None, :] < (newest - max_steps + 1)[:, None]] = np.nan
 
 
-def _fit_lists(lists: _Lists, spec: FitSpec) -> tuple[ar.ARFit, np.ndarray]:
-    """Fit every series of the batch; returns the fit and, per series, the grid step of
+def _fit_bucket(bucket: _Bucket, spec: FitSpec) -> tuple[ar.ARFit, np.ndarray]:
+    """Fit every series of the bucket; returns the fit and, per series, the grid step of
     its matrix's column 0 (so a target's step is ``base + first_target``)."""
-    n = len(lists.last)
+    n = len(bucket.last_block)
+    spans = (bucket.last_block - bucket.first_block + 1) * bucket.cells.shape[1]
     parts: list[tuple[np.ndarray, ar.ARFit]] = []
     base = np.zeros(n, np.int64)
-    for series in _series_groups(lists.last - lists.first + 1, MAX_MATRIX_CELLS):
-        matrix, base[series] = _matrix(lists, series)
+    for series in _series_groups(spans, MAX_MATRIX_CELLS):
+        matrix, base[series] = _matrix(bucket, series)
         if spec.max_steps:
             _keep_newest(matrix, spec.max_steps)
         if spec.candidates:
@@ -378,17 +380,17 @@ def _coef_lists(fit: ar.ARFit) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(~fit.ok))
 
 
-def _fit_batch(batch: pa.RecordBatch, spec: FitSpec) -> pa.RecordBatch:
-    """The UDF body: one batch of series lists in, one row per series out."""
-    fit, base = _fit_lists(_lists_of(batch), spec)
+def _fit_table(table: pa.Table, spec: FitSpec) -> pa.Table:
+    """The grouped UDF body: one bucket's rows in, one row per series out."""
+    bucket = _bucket_of(table)
+    fit, base = _fit_bucket(bucket, spec)
+    pick = pa.array(bucket.label_row)
     has = fit.first_target >= 0
-    column = batch.column
-    index = batch.schema.get_field_index
-    return pa.RecordBatch.from_pydict(
+    return pa.table(
         {
-            "sensor_id": column(index("sensor_id")),
-            "metric": column(index("metric")),
-            "region": column(index("region")),
+            "sensor_id": table.column("sensor_id").take(pick),
+            "metric": table.column("metric").take(pick),
+            "region": table.column("region").take(pick),
             "p": pa.array(fit.order.astype(np.int32)),
             "intercept": _nullable(fit.intercept, fit.ok),
             "coefs": _coef_lists(fit),
@@ -399,16 +401,14 @@ def _fit_batch(batch: pa.RecordBatch, spec: FitSpec) -> pa.RecordBatch:
             "aic": _nullable(fit.aic, fit.ok),
             "bic": _nullable(fit.bic, fit.ok),
             "fit_ok": pa.array(fit.ok),
-            "interval_s": column(index(_INTERVAL)).cast(pa.int64()),
+            "interval_s": table.column(_INTERVAL).take(pick).cast(pa.int64()),
         }
     )
 
 
-def _fit_udf(spec: FitSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def fit_udf(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            if batch.num_rows:
-                yield _fit_batch(batch, spec)
+def _fit_udf(spec: FitSpec) -> Callable[[pa.Table], pa.Table]:
+    def fit_udf(table: pa.Table) -> pa.Table:
+        return _fit_table(table, spec)
 
     return fit_udf
 
@@ -421,6 +421,7 @@ def fit_ar(
     p: int = DEFAULT_ORDER,
     candidates: Sequence[int] | None = None,
     criterion: str = "aic",
+    n_buckets: int = DEFAULT_BUCKETS,
     intervals: Mapping[str, int] | None = None,
     use_filled: bool = True,
     max_steps: int | None = None,
@@ -434,6 +435,7 @@ def fit_ar(
 
     Order: fixed ``p`` (grid steps), or chosen per series from ``candidates`` by
     ``criterion`` ("aic" | "bic") on a common sample (see :mod:`citylake.forecast.ar`).
+    ``n_buckets``: groups of the grouped UDF (see :data:`DEFAULT_BUCKETS`).
     ``intervals``: ``{metric: grid seconds}``, default the catalogue. ``use_filled``:
     False turns ``is_filled`` points into gaps. ``max_steps`` trains on each series'
     newest steps only. ``fitted_ts`` defaults to ``current_timestamp()``.
@@ -447,8 +449,11 @@ def fit_ar(
         raise ValueError(f"orders must be >= 0 (p={p}, candidates={candidates})")
     spec = FitSpec(p=p, candidates=tuple(sorted(set(candidates))) if candidates else None,
                    criterion=criterion, max_steps=max_steps)
-    lists = series_lists(prepare_series(df, intervals, use_filled))
-    fitted = lists.mapInArrow(_fit_udf(spec), _FIT_SCHEMA)
+    blocks = _blocks(prepare_series(df, intervals, use_filled))
+    blocks = blocks.withColumn(_SID, F.xxhash64("sensor_id", "metric")).withColumn(
+        _BUCKET, F.pmod(F.col(_SID), F.lit(n_buckets))
+    )
+    fitted = blocks.groupBy(_BUCKET).applyInArrow(_fit_udf(spec), _FIT_SCHEMA)
     interval = F.col("interval_s")
     return fitted.select(
         "sensor_id", "metric", "region", "p", "intercept", "coefs", "sigma", "n_train",
