@@ -431,9 +431,9 @@ def test_spark_fit_reads_gold_features_value_column(panel, fitted):
 
 
 def test_spark_fit_assembles_shuffled_split_series_with_duplicates(spark, panel, fitted):
-    """Rows in random order over many partitions (so the series lists are merged from
-    several tasks), a duplicated step (the larger value wins), and a series that moved
-    region (the newest step's region is reported)."""
+    """Rows in random order over many partitions (so block rows are merged from several
+    tasks), a duplicated step (the larger value wins), and a series that moved region
+    inside its newest block (one block row, the newest step's region is reported)."""
     from citylake.forecast import ar_spark
 
     values, frame, _ = panel
