@@ -107,7 +107,8 @@ def write_delta(spark: SparkSession, values: np.ndarray, work: Path) -> str:
         )
         pq.write_table(table, staging / f"part-{i:06d}.parquet")
     path = str(work / "data")
-    spark.read.parquet(str(staging)).write.format("delta").save(path)
+    # overwrite: a re-run with the same --workdir replaces the previous data
+    spark.read.parquet(str(staging)).write.format("delta").mode("overwrite").save(path)
     shutil.rmtree(staging)
     return path
 

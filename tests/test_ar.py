@@ -456,3 +456,32 @@ def test_spark_fit_assembles_shuffled_split_series_with_duplicates(spark, panel,
     edited[40] += 1000.0
     ref = ar.fit_many(edited[None, :], P)
     np.testing.assert_allclose(changed["coefs"][0], ref.coefs[0], atol=1e-9)
+
+
+def test_merge_split_blocks_keeps_larger_value_and_newest_row_labels():
+    """Block rows of one (series, block) from two regions merge into one row: a cell in
+    both keeps the larger value, and the labels come from the row with the newest value;
+    other rows pass through unchanged."""
+    from citylake.forecast import ar_spark
+
+    nan = np.nan
+    cells = np.array(
+        [
+            [1.0, 2.0, nan, nan],  # series 0, block 5, region "north": steps 0-1
+            [9.0, 1.0, nan, nan],  # series 1, block 5 (other series, not merged)
+            [0.5, nan, 3.0, 4.0],  # series 0, block 5, region "east": steps 0, 2-3 (newest)
+            [7.0, nan, nan, nan],  # series 0, block 4
+        ]
+    )
+    row_series = np.array([0, 1, 0, 0])
+    block = np.array([5, 5, 5, 4])
+    merged, series, blocks, labels = ar_spark._merge_split_blocks(cells, row_series, block)
+    assert list(zip(series, blocks)) == [(0, 4), (0, 5), (1, 5)]
+    np.testing.assert_array_equal(merged[1], [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(merged[0], cells[3])
+    np.testing.assert_array_equal(merged[2], cells[1])
+    assert list(labels) == [3, 2, 1]  # the "east" row (index 2) labels the merged block
+
+    same, *_, own = ar_spark._merge_split_blocks(cells[:2], row_series[:2], block[:2])
+    np.testing.assert_array_equal(same, cells[:2])
+    assert list(own) == [0, 1]
