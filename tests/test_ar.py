@@ -433,7 +433,7 @@ def test_spark_fit_reads_gold_features_value_column(panel, fitted):
 def test_spark_fit_assembles_shuffled_split_series_with_duplicates(spark, panel, fitted):
     """Rows in random order over many partitions (so block rows are merged from several
     tasks), a duplicated step (the larger value wins), and a series that moved region
-    inside its newest block (one block row, the newest step's region is reported)."""
+    inside its newest block (its block rows merge, the newest step's region is reported)."""
     from citylake.forecast import ar_spark
 
     values, frame, _ = panel
@@ -485,3 +485,15 @@ def test_merge_split_blocks_keeps_larger_value_and_newest_row_labels():
     same, *_, own = ar_spark._merge_split_blocks(cells[:2], row_series[:2], block[:2])
     np.testing.assert_array_equal(same, cells[:2])
     assert list(own) == [0, 1]
+
+
+def test_block_aggregate_is_planned_as_hash_aggregate(spark, panel):
+    """The block packing must stay a hash aggregate: a non-fixed-width buffer (e.g. a
+    string from ``max_by(region, ...)``) silently turns it into a sort of every row,
+    which measured 1.7x slower for the whole fit (bench/RESULTS_AR.md, session 10)."""
+    from citylake.forecast import ar_spark
+
+    _, _, df = panel
+    plan = ar_spark._blocks(ar_spark.prepare_series(df))._jdf.queryExecution().executedPlan().toString()
+    assert "HashAggregate" in plan
+    assert "SortAggregate" not in plan and "ObjectHashAggregate" not in plan
