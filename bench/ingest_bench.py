@@ -65,8 +65,8 @@ def write_landing(root: Path, readings: int, days: int, seed: int = 7) -> int:
         folder = root / "raw" / "readings" / f"date={day.isoformat()}"
         folder.mkdir(parents=True, exist_ok=True)
         # Several files per day, as loggers upload in chunks.
-        for i, part in enumerate(np.array_split(frame, 4)):
-            part.to_csv(folder / f"part-{i}.csv", index=False)
+        for i, rows in enumerate(np.array_split(np.arange(len(frame)), 4)):
+            frame.iloc[rows].to_csv(folder / f"part-{i}.csv", index=False)
         total += len(frame)
     return total
 
