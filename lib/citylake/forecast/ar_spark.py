@@ -300,16 +300,15 @@ def _merge_split_blocks(
     region inside a block - into one: each cell keeps the larger value (as ``max`` does
     for a duplicated step), and the row that holds the block's newest value supplies the
     labels. Returns (cells, row_series, block, label index into the input rows)."""
-    rows = np.arange(len(block))
-    if len(block) < 2:
-        return cells, row_series, block, rows
-    finite = np.isfinite(cells)
-    newest_cell = cells.shape[1] - 1 - finite[:, ::-1].argmax(axis=1)
-    order = np.lexsort((newest_cell, block, row_series))
+    order = np.lexsort((block, row_series))
     s, b = row_series[order], block[order]
     starts_group = np.r_[True, (s[1:] != s[:-1]) | (b[1:] != b[:-1])]
-    if starts_group.all():
-        return cells, row_series, block, rows
+    if starts_group.all():  # the usual case: no series moved region inside a block
+        return cells, row_series, block, np.arange(len(block))
+    # Re-sort with each row's newest filled cell as the last key, so the row that labels a
+    # group ends it; the groups, and so their starts, stay where they are.
+    newest_cell = cells.shape[1] - 1 - np.isfinite(cells)[:, ::-1].argmax(axis=1)
+    order = np.lexsort((newest_cell, block, row_series))
     starts = np.flatnonzero(starts_group)
     ends = np.r_[starts[1:], len(order)] - 1
     merged = np.fmax.reduceat(cells[order], starts, axis=0)
