@@ -7,7 +7,10 @@ In one process and one Spark session (local[2] by default, from conf/local.yaml)
 1. simulates ``--series`` stationary AR(12) series of ``--points`` 5-minute steps and
    writes them to a Delta table in long format (sensor_id, metric, ts, value_clean),
    one series after the other (the layout a per-series writer produces);
-2. (a) citylake: ``fit_ar(p)`` from that Delta table to a coefficient Delta table;
+2. (a) citylake: ``fit_ar_table(p)`` (what ``citylake train`` runs: the direct reader of
+   ``forecast/ar_direct.py``) from that Delta table to a coefficient Delta table;
+   (a2) the same fit through Spark's reader (``fit_ar`` on the DataFrame: the path for
+   any DataFrame, and the fallback when the direct reader cannot read a table);
 3. (b) floor: the same read, grouped per series to one row (count and sum), written
    the same way - the least any per-series job must move;
    (f) with ``--row-udf``: the grouped UDF fed one row per reading (no block packing),
@@ -54,7 +57,7 @@ from pyspark.sql import SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from citylake.config import load_config  # noqa: E402
-from citylake.forecast import ar, ar_spark  # noqa: E402
+from citylake.forecast import ar, ar_direct, ar_spark  # noqa: E402
 from citylake.session import build_spark  # noqa: E402
 
 METRIC = "traffic_flow"  # 5-minute grid in the catalogue
@@ -204,8 +207,13 @@ def run_floor(spark: SparkSession, data: str, out: str) -> None:
     agg.write.format("delta").mode("overwrite").save(out)
 
 
-def run_citylake(spark: SparkSession, data: str, out: str, p: int, buckets: int) -> None:
-    """(a) citylake's AR fit of every series, written as Delta."""
+def run_citylake(spark: SparkSession, data: str, out: str, p: int) -> None:
+    """(a) citylake's AR fit of every series as ``citylake train`` runs it, written as Delta."""
+    ar_direct.fit_ar_table(spark, data, p=p).write.format("delta").mode("overwrite").save(out)
+
+
+def run_spark_reader(spark: SparkSession, data: str, out: str, p: int, buckets: int) -> None:
+    """(a2) the same fit through Spark's reader (any DataFrame), written as Delta."""
     df = spark.read.format("delta").load(data)
     ar_spark.fit_ar(df, p=p, n_buckets=buckets).write.format("delta").mode("overwrite").save(out)
 
@@ -269,13 +277,17 @@ def main() -> None:
         print(f"data: {args.series * args.points:,} rows written to Delta in {time.monotonic() - t:.1f} s", flush=True)
 
         jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
-        runs: dict[str, list[tuple[float, float]]] = {"floor": [], "citylake": [], "window": [], "rows": []}
+        runs: dict[str, list[tuple[float, float]]] = {"floor": [], "citylake": [], "spark": [], "window": [],
+                                                      "rows": []}
         window_params = None
         for r in range(args.repeat):
             print(f"run {r + 1}/{args.repeat}", flush=True)
             runs["floor"].append(measured("(b) floor      ", lambda: run_floor(spark, data, str(work / "floor")), jvm_pid))
             runs["citylake"].append(measured(
-                "(a) citylake   ", lambda: run_citylake(spark, data, str(work / "coefs"), args.p, args.buckets), jvm_pid))
+                "(a) citylake   ", lambda: run_citylake(spark, data, str(work / "coefs"), args.p), jvm_pid))
+            runs["spark"].append(measured(
+                "(a2) Spark reader", lambda: run_spark_reader(spark, data, str(work / "coefs_spark"), args.p,
+                                                              args.buckets), jvm_pid))
             if args.window_sums:
                 holder: list[np.ndarray] = []
                 runs["window"].append(measured(
@@ -296,6 +308,10 @@ def main() -> None:
         ids = names(args.series)[:sample]
         mine = coefs.where(F.col("sensor_id").isin(ids)).orderBy("sensor_id").toPandas()
         mine_params = np.column_stack([mine["intercept"].to_numpy(), np.stack(mine["coefs"].to_numpy())])
+        other = spark.read.format("delta").load(str(work / "coefs_spark"))
+        other = other.where(F.col("sensor_id").isin(ids)).orderBy("sensor_id").toPandas()
+        reader_diff = np.abs(np.column_stack([other["intercept"].to_numpy(), np.stack(other["coefs"].to_numpy())])
+                             - mine_params).max()
         sm_s, sm_params = statsmodels_loop(values[:sample], args.p)
         start = time.monotonic()
         numpy_fit = ar.fit_many(values, args.p)
@@ -326,6 +342,9 @@ def main() -> None:
         (a_cpu, b_cpu) = best["citylake"][1], best["floor"][1]
         print("\nresults (best of runs; CPU = Spark JVM + Python workers)")
         print(f"  (a) citylake fit      : {a:6.1f} s  {n / a:10,.0f} series/s   CPU {a_cpu:6.1f} s")
+        a2, a2_cpu = best["spark"]
+        print(f"  (a2) Spark reader     : {a2:6.1f} s  {n / a2:10,.0f} series/s   CPU {a2_cpu:6.1f} s"
+              f"   a2/b {a2 / b:.2f}  (max |a - a2| on the sample {reader_diff:.1e}; rows {other.shape[0]})")
         print(f"  (b) floor             : {b:6.1f} s  {n / b:10,.0f} series/s   CPU {b_cpu:6.1f} s")
         if "window" in best:
             e, e_cpu = best["window"]

@@ -116,6 +116,12 @@ class ForecastConfig:
     #: Candidate orders chosen per series by ``ar_criterion`` on one estimation sample.
     ar_candidates: list[int] = field(default_factory=list)
     ar_criterion: str = "bic"
+    #: "auto": read gold's Parquet files in the Python workers when the table allows it
+    #: (forecast/ar_direct.py; 2-3x faster, bench/RESULTS_AR.md), else Spark's reader;
+    #: "spark": always Spark's reader.
+    ar_reader: str = "auto"
+    #: Reading tasks of the direct reader (0: one per core, at most 8).
+    ar_tasks: int = 0
     horizon: int = 24
     #: Nominal coverage of every interval (AR analytic, others split-conformal).
     interval_level: float = 0.9

@@ -140,7 +140,7 @@ FORECAST_COLUMNS = (
 # Internal column names.
 _SID, _BUCKET, _BLOCK, _STEP, _Y, _INTERVAL = "_sid", "_bucket", "_block", "_step", "_y", "_interval_s"
 
-_FIT_SCHEMA = T.StructType(
+FIT_SCHEMA = T.StructType(
     [
         T.StructField("sensor_id", T.StringType()),
         T.StructField("metric", T.StringType()),
@@ -324,14 +324,23 @@ def _bucket_of(table: pa.Table) -> _Bucket:
     _, row_series = np.unique(table.column(_SID).to_numpy(), return_inverse=True)
     cells, row_series, block, labels = _merge_split_blocks(cells, row_series, table.column(_BLOCK).to_numpy())
     n_series = int(row_series.max()) + 1 if len(row_series) else 0
-    last = np.full(n_series, np.iinfo(np.int64).min)
-    np.maximum.at(last, row_series, block)
+    first, last, newest_row = series_extent(row_series, n_series, block)
+    return _Bucket(cells, row_series, block, first, last, labels[newest_row])
+
+
+def series_extent(row_series: np.ndarray, n_series: int, position: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per series (``row_series``: each row's series index): the smallest and largest
+    ``position`` (grid step or block) of its rows, and a row holding the largest one -
+    the row whose labels (region) the series reports."""
     first = np.full(n_series, np.iinfo(np.int64).max)
-    np.minimum.at(first, row_series, block)
-    label_row = np.zeros(n_series, np.int64)
-    newest = np.flatnonzero(block == last[row_series])
-    label_row[row_series[newest]] = labels[newest]
-    return _Bucket(cells, row_series, block, first, last, label_row)
+    np.minimum.at(first, row_series, position)
+    last = np.full(n_series, np.iinfo(np.int64).min)
+    np.maximum.at(last, row_series, position)
+    newest_row = np.zeros(n_series, np.int64)
+    newest = np.flatnonzero(position == last[row_series])
+    newest_row[row_series[newest]] = newest
+    return first, last, newest_row
 
 
 def _series_groups(spans: np.ndarray, max_cells: int) -> list[np.ndarray]:
@@ -373,15 +382,21 @@ def _keep_newest(matrix: np.ndarray, max_steps: int) -> None:
     matrix[np.arange(matrix.shape[1])[None, :] < (newest - max_steps + 1)[:, None]] = np.nan
 
 
-def _fit_bucket(bucket: _Bucket, spec: FitSpec) -> tuple[ar.ARFit, np.ndarray]:
-    """Fit every series of the bucket; returns the fit and, per series, the grid step of
-    its matrix's column 0 (so a target's step is ``base + first_target``)."""
-    n = len(bucket.last_block)
-    spans = (bucket.last_block - bucket.first_block + 1) * bucket.cells.shape[1]
+def fit_groups(
+    spans: np.ndarray, matrix_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], spec: FitSpec
+) -> tuple[ar.ARFit, np.ndarray]:
+    """Fit ``len(spans)`` series held in memory, in groups of similar span.
+
+    ``spans``: grid steps from each series' oldest to newest value. ``matrix_of(series
+    indices)`` returns their ``(len, width)`` value matrix right-aligned on each newest
+    step, and the grid step of column 0 of each row. Returns the fit and, per series, the
+    grid step of its matrix's column 0 (so a target's step is ``base + first_target``).
+    """
+    n = len(spans)
     parts: list[tuple[np.ndarray, ar.ARFit]] = []
     base = np.zeros(n, np.int64)
     for series in _series_groups(spans, MAX_MATRIX_CELLS):
-        matrix, base[series] = _matrix(bucket, series)
+        matrix, base[series] = matrix_of(series)
         if spec.max_steps:
             _keep_newest(matrix, spec.max_steps)
         if spec.candidates:
@@ -391,6 +406,12 @@ def _fit_bucket(bucket: _Bucket, spec: FitSpec) -> tuple[ar.ARFit, np.ndarray]:
         parts.append((series, fit))
     width = max(spec.candidates) if spec.candidates else spec.p
     return ar.combine_fits(parts, n, width), base
+
+
+def _fit_bucket(bucket: _Bucket, spec: FitSpec) -> tuple[ar.ARFit, np.ndarray]:
+    """Fit every series of the bucket (see :func:`fit_groups`)."""
+    spans = (bucket.last_block - bucket.first_block + 1) * bucket.cells.shape[1]
+    return fit_groups(spans, lambda series: _matrix(bucket, series), spec)
 
 
 def _nullable(values: np.ndarray, ok: np.ndarray) -> pa.Array:
@@ -406,17 +427,17 @@ def _coef_lists(fit: ar.ARFit) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(~fit.ok))
 
 
-def _fit_table(table: pa.Table, spec: FitSpec) -> pa.Table:
-    """The grouped UDF body: one bucket's rows in, one row per series out."""
-    bucket = _bucket_of(table)
-    fit, base = _fit_bucket(bucket, spec)
-    pick = pa.array(bucket.label_row)
+def fit_table(
+    labels: Mapping[str, pa.Array], fit: ar.ARFit, base: np.ndarray
+) -> pa.Table:
+    """The fit of some series as a table of :data:`FIT_SCHEMA`. ``labels``: sensor_id,
+    metric, region and interval_s (seconds) of each series; ``base`` from :func:`fit_groups`."""
     has = fit.first_target >= 0
     return pa.table(
         {
-            "sensor_id": table.column("sensor_id").take(pick),
-            "metric": table.column("metric").take(pick),
-            "region": table.column("region").take(pick),
+            "sensor_id": labels["sensor_id"],
+            "metric": labels["metric"],
+            "region": labels["region"],
             "p": pa.array(fit.order.astype(np.int32)),
             "intercept": _nullable(fit.intercept, fit.ok),
             "coefs": _coef_lists(fit),
@@ -427,9 +448,19 @@ def _fit_table(table: pa.Table, spec: FitSpec) -> pa.Table:
             "aic": _nullable(fit.aic, fit.ok),
             "bic": _nullable(fit.bic, fit.ok),
             "fit_ok": pa.array(fit.ok),
-            "interval_s": table.column(_INTERVAL).take(pick).cast(pa.int64()),
+            "interval_s": labels["interval_s"].cast(pa.int64()),
         }
     )
+
+
+def _fit_table(table: pa.Table, spec: FitSpec) -> pa.Table:
+    """The grouped UDF body: one bucket's rows in, one row per series out."""
+    bucket = _bucket_of(table)
+    fit, base = _fit_bucket(bucket, spec)
+    pick = pa.array(bucket.label_row)
+    labels = {name: table.column(source).take(pick) for name, source in
+              (("sensor_id", "sensor_id"), ("metric", "metric"), ("region", "region"), ("interval_s", _INTERVAL))}
+    return fit_table(labels, fit, base)
 
 
 def _fit_udf(spec: FitSpec) -> Callable[[pa.Table], pa.Table]:
@@ -469,17 +500,27 @@ def fit_ar(
     Returns the columns of :data:`GOLD_AR_COEFFICIENTS` in order, one row per series
     (lazy: nothing runs until the caller writes or collects it).
     """
-    if criterion not in ("aic", "bic"):
-        raise ValueError(f"criterion must be 'aic' or 'bic', got {criterion!r}")
-    if p < 0 or (candidates is not None and (not candidates or min(candidates) < 0)):
-        raise ValueError(f"orders must be >= 0 (p={p}, candidates={candidates})")
-    spec = FitSpec(p=p, candidates=tuple(sorted(set(candidates))) if candidates else None,
-                   criterion=criterion, max_steps=max_steps)
+    spec = fit_spec(p, candidates, criterion, max_steps)
     blocks = _blocks(prepare_series(df, intervals, use_filled))
     blocks = blocks.withColumn(_SID, F.xxhash64("sensor_id", "metric")).withColumn(
         _BUCKET, F.pmod(F.col(_SID), F.lit(n_buckets))
     )
-    fitted = blocks.groupBy(_BUCKET).applyInArrow(_fit_udf(spec), _FIT_SCHEMA)
+    fitted = blocks.groupBy(_BUCKET).applyInArrow(_fit_udf(spec), FIT_SCHEMA)
+    return finish_fit(fitted, spec, fitted_ts)
+
+
+def fit_spec(p: int, candidates: Sequence[int] | None, criterion: str, max_steps: int | None) -> FitSpec:
+    """A checked :class:`FitSpec` (ValueError on a bad criterion or order)."""
+    if criterion not in ("aic", "bic"):
+        raise ValueError(f"criterion must be 'aic' or 'bic', got {criterion!r}")
+    if p < 0 or (candidates is not None and (not candidates or min(candidates) < 0)):
+        raise ValueError(f"orders must be >= 0 (p={p}, candidates={candidates})")
+    return FitSpec(p=p, candidates=tuple(sorted(set(candidates))) if candidates else None,
+                   criterion=criterion, max_steps=max_steps)
+
+
+def finish_fit(fitted: DataFrame, spec: FitSpec, fitted_ts: Column | None = None) -> DataFrame:
+    """Rows of :data:`FIT_SCHEMA` as the columns of :data:`GOLD_AR_COEFFICIENTS`."""
     interval = F.col("interval_s")
     return fitted.select(
         "sensor_id", "metric", "region", "p", "intercept", "coefs", "sigma", "n_train",

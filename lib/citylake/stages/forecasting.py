@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from citylake.errors import CitylakeError
-from citylake.forecast import ar_spark, baselines, conformal, evaluation, gbt, tracking
+from citylake.forecast import ar_direct, ar_spark, baselines, conformal, evaluation, gbt, tracking
 from citylake.lake import Lake
 from citylake.pipeline import end_of_day
 
@@ -107,12 +107,17 @@ def _gbt_params(lake: Lake) -> gbt.GBTParams:
 
 
 def train_models(lake: Lake, history: DataFrame, cutoff: dt.datetime | None) -> TrainedModels:
-    """Fit AR for every series and GBT per region and metric on ``history`` (gold rows)."""
+    """Fit AR for every series and GBT per region and metric on ``history``: gold rows up
+    to ``cutoff`` (AR reads those rows from the table itself, see the comment below)."""
     fc = lake.config.forecast
     seconds = {}
     started = time.monotonic()
-    coefficients = ar_spark.fit_ar(
-        modelled(lake, history), p=fc.ar_order, candidates=fc.ar_candidates or None, criterion=fc.ar_criterion
+    # AR reads gold_features up to the cutoff itself: its direct reader skips Spark's
+    # row-by-row hand-over to Python (forecast/ar_direct.py); ``history`` is that same data.
+    coefficients = ar_direct.fit_ar_table(
+        lake.spark, lake.path("gold_features"), p=fc.ar_order, candidates=fc.ar_candidates or None,
+        criterion=fc.ar_criterion, ts_max=_utc(cutoff), metrics=fc.metrics or None,
+        tasks=fc.ar_tasks or None, reader=fc.ar_reader,
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_series = coefficients.count()
     seconds["ar"] = time.monotonic() - started
