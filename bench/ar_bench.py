@@ -88,9 +88,14 @@ def names(series: int) -> list[str]:
     return [f"bench-{i:05d}" for i in range(series)]
 
 
-def write_delta(spark: SparkSession, values: np.ndarray, work: Path) -> str:
-    """Long-format Delta table of ``values``: Parquet chunks with pyarrow, then Spark."""
+def write_delta(spark: SparkSession, values: np.ndarray, work: Path, layout: str = "series") -> str:
+    """Long-format Delta table of ``values``: Parquet chunks with pyarrow, then Spark.
+
+    ``layout``: "series" keeps the rows one series after the other; "date" writes them
+    the way silver and gold are stored, partitioned by ``reading_date`` (one folder per
+    day, every series in each)."""
     staging = work / "staging"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
     staging.mkdir(parents=True)
     series, points = values.shape
     steps = pd.date_range(START, periods=points, freq=f"{INTERVAL_S}s").values.astype("datetime64[us]")
@@ -110,8 +115,15 @@ def write_delta(spark: SparkSession, values: np.ndarray, work: Path) -> str:
         )
         pq.write_table(table, staging / f"part-{i:06d}.parquet")
     path = str(work / "data")
-    # overwrite: a re-run with the same --workdir replaces the previous data
-    spark.read.parquet(str(staging)).write.format("delta").mode("overwrite").save(path)
+    staged = spark.read.parquet(str(staging))
+    if layout == "date":
+        staged = staged.withColumn("reading_date", F.to_date("ts")).repartition("reading_date")
+        writer = staged.write.format("delta").partitionBy("reading_date")
+    else:
+        writer = staged.write.format("delta")
+    if Path(path).exists():  # a re-run with the same --workdir replaces the data, any layout
+        shutil.rmtree(path)
+    writer.save(path)
     shutil.rmtree(staging)
     return path
 
@@ -260,6 +272,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=12)
     parser.add_argument("--window-sums", action="store_true", help="also time design (e)")
     parser.add_argument("--row-udf", action="store_true", help="also time design (f)")
+    parser.add_argument("--layout", choices=("series", "date"), default="series",
+                        help="table layout: series after series, or partitioned by date like silver/gold")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -273,7 +287,7 @@ def main() -> None:
     try:
         t = time.monotonic()
         values = simulate(args.series, args.points)
-        data = write_delta(spark, values, work)
+        data = write_delta(spark, values, work, args.layout)
         print(f"data: {args.series * args.points:,} rows written to Delta in {time.monotonic() - t:.1f} s", flush=True)
 
         jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())

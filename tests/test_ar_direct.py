@@ -130,6 +130,19 @@ def test_gold_value_column_and_fallback_for_tables_it_cannot_read(spark, tmp_pat
     assert plan is None and "deletion vectors" in reason
 
 
+def test_plan_sizes_tasks_by_rows_and_refuses_remote_or_huge_tables(spark, silver_table, monkeypatch):
+    plan, _ = ar_direct.plan_direct(spark, silver_table, tasks=1)
+    assert plan.tasks == 1
+    monkeypatch.setattr(ar_direct, "MAX_ROWS_PER_TASK", 500)  # the table has ~2,000 rows
+    plan, _ = ar_direct.plan_direct(spark, silver_table, tasks=1)
+    assert plan is not None and plan.tasks == 4
+    monkeypatch.setattr(ar_direct, "MAX_ROWS_PER_TASK", 100)
+    plan, reason = ar_direct.plan_direct(spark, silver_table)
+    assert plan is None and "more than 8" in reason
+    plan, reason = ar_direct.plan_direct(spark, "s3://bucket/lake/gold/features")
+    assert plan is None and "s3://" in reason
+
+
 def test_bad_reader_name_is_refused(spark, silver_table):
     with pytest.raises(ValueError, match="reader"):
         ar_direct.fit_ar_table(spark, silver_table, reader="pandas")

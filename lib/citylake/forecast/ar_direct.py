@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 #: Upper bound on reading tasks: each one decodes every file, so the total decoding work
 #: grows with N. 8 keeps it below the fit's own cost on 10k x 2,000 (bench/RESULTS_AR.md).
 MAX_TASKS = 8
+#: Rows one task may hold (28 bytes each, plus its value matrices: ~2.5 GB at most);
+#: a table that needs more than MAX_TASKS such tasks is fitted by Spark's reader.
+MAX_ROWS_PER_TASK = 50_000_000
 #: Rows per Arrow batch while reading; small enough to stay in cache, large enough that
 #: the per-batch Python overhead is negligible.
 BATCH_ROWS = 1 << 17
@@ -114,16 +117,21 @@ def plan_direct(spark: SparkSession, path: str, tasks: int | None = None) -> tup
     job lists no files). Direct reading needs plain Parquet files (no deletion vectors,
     no column mapping), the fit's columns stored in the files (not partition columns),
     and a local file system (object stores need credentials in every worker; use
-    ``fit_ar`` there). ``tasks``: reading tasks (default: Spark's default parallelism),
-    at most :data:`MAX_TASKS`.
+    ``fit_ar`` there). ``tasks``: reading tasks (default: Spark's default parallelism);
+    more when the table has over :data:`MAX_ROWS_PER_TASK` rows per task, and no direct
+    plan when that would take more than :data:`MAX_TASKS`.
     """
     from deltalake import DeltaTable
 
+    scheme = path.split("://", 1)[0] if "://" in path else "file"
+    if scheme not in LOCAL_SCHEMES:  # checked first: opening a remote log may wait on credentials
+        return None, f"the table is on {scheme}:// (direct reading is for local file systems)"
     try:
         table = DeltaTable(path)
         protocol, metadata = table.protocol(), table.metadata()
         names = set(table.schema().to_arrow().names)
         files = tuple(table.file_uris())
+        counts = np.array(table.get_add_actions(flatten=True).column("num_records").to_pylist(), np.float64)
     except Exception as exc:  # any table delta-rs cannot open is read by Spark instead
         return None, f"the deltalake package cannot read the table ({type(exc).__name__}: {exc})"
     features = set(protocol.reader_features or []) | set(protocol.writer_features or [])
@@ -144,8 +152,14 @@ def plan_direct(spark: SparkSession, path: str, tasks: int | None = None) -> tup
     schemes = {f.split("://", 1)[0] if "://" in f else "file" for f in files}
     if not schemes <= set(LOCAL_SCHEMES):
         return None, f"files on {sorted(schemes)} (direct reading is for local file systems)"
-    n = tasks or spark.sparkContext.defaultParallelism
-    return DirectPlan(files, value_column, columns, max(1, min(int(n), MAX_TASKS))), "ok"
+    # Files without a row count in the log count as the largest one that has it.
+    known = counts[np.isfinite(counts)]
+    rows = int(np.where(np.isfinite(counts), counts, known.max() if known.size else 0).sum())
+    n = max(1, int(tasks or spark.sparkContext.defaultParallelism), -(-rows // MAX_ROWS_PER_TASK))
+    if n > MAX_TASKS:
+        return None, (f"{rows:,} rows need {n} reading tasks of at most {MAX_ROWS_PER_TASK:,} rows, "
+                      f"more than {MAX_TASKS}")
+    return DirectPlan(files, value_column, columns, n), "ok"
 
 
 # -- reading (each task) ------------------------------------------------------------------

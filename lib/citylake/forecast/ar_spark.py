@@ -32,11 +32,14 @@ Why this shape (figures in ``bench/RESULTS_AR.md``):
   and the SSR could only come from ``y'y - b'X'y``. Measured 4x the time
   (``bench/ar_bench.py --window-sums``).
 
-Cost: for 10k series x 2,000 points the fit takes 1.9x the bench's data-movement floor
-(one row per series by a plain aggregate) on the Intel machine of session 7 and 3.8x on
-the AMD machine of session 10; the issue's target is 1.5x. The numpy fit is a small part
-of it. Most of it is the block aggregate (32 conditional updates per row) and moving every
-value once through a shuffle into Python (stage breakdown in ``bench/RESULTS_AR.md``).
+Cost: for 10k series x 2,000 points this path takes 1.9x the bench's data-movement floor
+(one row per series by a plain aggregate) on the Intel machine of session 7 and 3.2-3.8x
+on the AMD machine of sessions 10-11. The numpy fit is a small part of it. Most of it is
+the block aggregate (32 conditional updates per row) and moving every value once through
+a shuffle into Python (stage breakdown in ``bench/RESULTS_AR.md``). ``citylake train``
+therefore fits a Delta table with :mod:`citylake.forecast.ar_direct` (1.15x the floor),
+which reads the files in the Python workers and falls back to this function when it
+cannot; this one serves any DataFrame.
 
 Output: ``gold_ar_coefficients`` (:data:`GOLD_AR_COEFFICIENTS`; the entry for
 ``schemas/tables.yaml`` is :data:`TABLES_YAML_ENTRY`), its long form
