@@ -143,6 +143,27 @@ def test_plan_sizes_tasks_by_rows_and_refuses_remote_or_huge_tables(spark, silve
     assert plan is None and "s3://" in reason
 
 
+def test_files_from_before_a_column_and_far_future_rows_match(spark, tmp_path):
+    """Old files lack the value column (Spark reads null there: unusable rows); a row in
+    2300 (past INT96-as-nanoseconds' range) must stay beyond a 2026 cutoff."""
+    frame = messy_frame()
+    path = str(tmp_path / "evolving")
+    early = frame[frame["sensor_id"].isin(["s0", "s1"])].drop(columns=["value_clean", "is_gap", "is_filled"])
+    spark.createDataFrame(early.assign(value=early["ts"].dt.minute.astype(float))).write.format("delta").save(path)
+    (spark.createDataFrame(frame).write.format("delta").mode("append").option("mergeSchema", "true").save(path))
+    plan, _ = ar_direct.plan_direct(spark, path)
+    assert plan is not None and plan.value_column == "value_clean"
+    assert_same(*both(spark, path, p=P, tasks=2))
+
+    far = frame[frame["sensor_id"] == "s2"].iloc[[0]].copy()
+    far_rows = spark.createDataFrame(far).withColumn("ts", F.lit(dt.datetime(2300, 1, 1, tzinfo=dt.timezone.utc)))
+    far_rows.withColumn("value_clean", F.lit(1e6)).write.format("delta").mode("append").save(path)
+    cutoff = (START + STEP * 250).to_pydatetime()
+    direct, spark_reader = both(spark, path, p=P, ts_max=cutoff, tasks=2)
+    assert direct.where("sensor_id = 's2'").first()["train_end"] <= cutoff.replace(tzinfo=None)
+    assert_same(direct, spark_reader)
+
+
 def test_bad_reader_name_is_refused(spark, silver_table):
     with pytest.raises(ValueError, match="reader"):
         ar_direct.fit_ar_table(spark, silver_table, reader="pandas")

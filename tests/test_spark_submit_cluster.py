@@ -159,11 +159,12 @@ def test_jobs_on_standalone_cluster(tmp_path):
         assert set(app.executors.values()) == worker_ports, (
             f"{job}: executors {app.executors} not on both workers {worker_ports}")
     # Every job runs some Python on the executors (PythonRDD: createDataFrame of local rows);
-    # train's AR fit (applyInArrow) and GBT (applyInPandas) are UDFs over the whole gold table.
+    # train's AR fit (the direct reader's mapInArrow tasks, each reading gold's files) and
+    # GBT (applyInPandas) run on the executors.
     for job, app in apps.items():
         assert any(set(per) - {"driver"} for per in app.python_tasks.values()), (
             f"{job}: no Python task ran on an executor: {app.python_tasks}")
-    for op in ("FlatMapGroupsInArrow", "FlatMapGroupsInPandas"):
+    for op in ("MapInArrow", "FlatMapGroupsInPandas"):
         per = apps["train"].python_tasks.get(op, {})
         assert sum(n for e, n in per.items() if e != "driver") > 0, (
             f"train: no {op} task on an executor: {apps['train'].python_tasks}")

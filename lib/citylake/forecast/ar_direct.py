@@ -50,12 +50,15 @@ log = logging.getLogger(__name__)
 #: Upper bound on reading tasks: each one decodes every file, so the total decoding work
 #: grows with N. 8 keeps it below the fit's own cost on 10k x 2,000 (bench/RESULTS_AR.md).
 MAX_TASKS = 8
-#: Rows one task may hold (28 bytes each, plus its value matrices: ~2.5 GB at most);
-#: a table that needs more than MAX_TASKS such tasks is fitted by Spark's reader.
-MAX_ROWS_PER_TASK = 50_000_000
+#: Rows one task may hold. A task peaks at ~100 bytes per row kept (the row arrays, their
+#: concatenation, series and group indices, value matrices): ~3 GB at this bound. A table
+#: that needs more than MAX_TASKS such tasks is fitted by Spark's reader.
+MAX_ROWS_PER_TASK = 30_000_000
 #: Rows per Arrow batch while reading; small enough to stay in cache, large enough that
 #: the per-batch Python overhead is negligible.
 BATCH_ROWS = 1 << 17
+#: Distinct Arrow dictionaries remembered per column and task (oldest dropped first).
+DICTIONARY_CACHE = 64
 #: URI schemes whose files pyarrow can open in every task without extra credentials.
 LOCAL_SCHEMES = ("file",)
 
@@ -79,23 +82,26 @@ class _Dictionary:
     """Strings seen by one task, each with a dense id, cached per Arrow dictionary."""
 
     ids: dict[str, int] = field(default_factory=dict)
-    _seen: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    _seen: dict[tuple[int, int], tuple[pa.Array, np.ndarray]] = field(default_factory=dict)
 
     def lookup(self, dictionary: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(dense ids, hashes) of every entry of an Arrow string dictionary.
 
-        pyarrow hands every batch a new copy of the file's dictionary (and may reuse a
-        freed copy's address), so the cache is keyed by content: the length and an
-        order-sensitive sum of the entries' hashes.
+        pyarrow hands every batch a new copy of the file's dictionary, so the cache finds
+        a dictionary by its length and an order-sensitive sum of its entries' hashes, and
+        a hit counts only when the cached dictionary is equal entry by entry (hashes
+        can collide). At most :data:`DICTIONARY_CACHE` dictionaries are kept.
         """
         hashes = string_hash(dictionary)
         weights = np.arange(1, len(hashes) + 1, dtype=np.uint64)
         key = (len(hashes), int(np.sum(hashes * weights, dtype=np.uint64)))
-        ids = self._seen.get(key)
-        if ids is None:
-            ids = np.array([self.ids.setdefault(s, len(self.ids)) for s in dictionary.to_pylist()],
-                           dtype=np.int64)
-            self._seen[key] = ids
+        cached = self._seen.get(key)
+        if cached is not None and cached[0].equals(dictionary):
+            return cached[1], hashes
+        ids = np.array([self.ids.setdefault(s, len(self.ids)) for s in dictionary.to_pylist()], dtype=np.int64)
+        if len(self._seen) >= DICTIONARY_CACHE:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = (dictionary, ids)
         return ids, hashes
 
     def names(self) -> list[str]:
@@ -117,9 +123,9 @@ def plan_direct(spark: SparkSession, path: str, tasks: int | None = None) -> tup
     job lists no files). Direct reading needs plain Parquet files (no deletion vectors,
     no column mapping), the fit's columns stored in the files (not partition columns),
     and a local file system (object stores need credentials in every worker; use
-    ``fit_ar`` there). ``tasks``: reading tasks (default: Spark's default parallelism);
-    more when the table has over :data:`MAX_ROWS_PER_TASK` rows per task, and no direct
-    plan when that would take more than :data:`MAX_TASKS`.
+    ``fit_ar`` there). ``tasks``: reading tasks (default: Spark's default parallelism,
+    at most :data:`MAX_TASKS`); more when the table has over :data:`MAX_ROWS_PER_TASK`
+    rows per task, and no direct plan when that would take more than :data:`MAX_TASKS`.
     """
     from deltalake import DeltaTable
 
@@ -131,7 +137,9 @@ def plan_direct(spark: SparkSession, path: str, tasks: int | None = None) -> tup
         protocol, metadata = table.protocol(), table.metadata()
         names = set(table.schema().to_arrow().names)
         files = tuple(table.file_uris())
-        counts = np.array(table.get_add_actions(flatten=True).column("num_records").to_pylist(), np.float64)
+        actions = table.get_add_actions(flatten=True)
+        counts = np.array(actions.column("num_records").to_pylist(), np.float64)
+        sizes = np.array(actions.column("size_bytes").to_pylist(), np.float64)
     except Exception as exc:  # any table delta-rs cannot open is read by Spark instead
         return None, f"the deltalake package cannot read the table ({type(exc).__name__}: {exc})"
     features = set(protocol.reader_features or []) | set(protocol.writer_features or [])
@@ -152,10 +160,11 @@ def plan_direct(spark: SparkSession, path: str, tasks: int | None = None) -> tup
     schemes = {f.split("://", 1)[0] if "://" in f else "file" for f in files}
     if not schemes <= set(LOCAL_SCHEMES):
         return None, f"files on {sorted(schemes)} (direct reading is for local file systems)"
-    # Files without a row count in the log count as the largest one that has it.
-    known = counts[np.isfinite(counts)]
-    rows = int(np.where(np.isfinite(counts), counts, known.max() if known.size else 0).sum())
-    n = max(1, int(tasks or spark.sparkContext.defaultParallelism), -(-rows // MAX_ROWS_PER_TASK))
+    # A file without a row count in the log counts one row per 8 bytes (Parquet of the
+    # bench's table takes 8.3 bytes per row, so this over- rather than underestimates).
+    rows = int(np.where(np.isfinite(counts), counts, sizes / 8).sum()) if len(counts) else 0
+    wanted = int(tasks) if tasks else min(int(spark.sparkContext.defaultParallelism), MAX_TASKS)
+    n = max(1, wanted, -(-rows // MAX_ROWS_PER_TASK))
     if n > MAX_TASKS:
         return None, (f"{rows:,} rows need {n} reading tasks of at most {MAX_ROWS_PER_TASK:,} rows, "
                       f"more than {MAX_TASKS}")
@@ -169,7 +178,9 @@ def string_hash(strings: pa.Array) -> np.ndarray:
     """64-bit hash of each UTF-8 string (nulls hash to 0), the same in every process.
 
     A polynomial hash over the bytes (vectorised, no Python call per string) followed by a
-    multiplicative mix; it only has to spread series evenly over the reading tasks.
+    multiplicative mix. It deals series to reading tasks (a collision only puts two series
+    in the same task) and finds cached dictionaries (checked by content); it never
+    identifies a series.
     """
     strings = strings.cast(pa.string())
     n = len(strings)
@@ -227,6 +238,9 @@ def _read_batch(batch: pa.RecordBatch, rows: _TaskRows, plan: DirectPlan, share:
     """Keep the batch's usable rows of this task's series (the rules of
     :func:`citylake.forecast.ar_spark.prepare_series`). Per-row work is a few gathers:
     the share and metric tests are made once per dictionary entry pair."""
+    names = batch.schema.names
+    if not {"sensor_id", "metric", "ts", plan.value_column} <= set(names):
+        return  # a file from before the column existed: Spark reads it as null, unusable
     sensor = _dictionary(batch.column("sensor_id"))
     metric = _dictionary(batch.column("metric"))
     sensor_ids, sensor_hash = rows.sensors.lookup(sensor.dictionary)
@@ -257,8 +271,11 @@ def _read_batch(batch: pa.RecordBatch, rows: _TaskRows, plan: DirectPlan, share:
             usable &= ~_numpy(batch.column(flag), False)[picked]
     raw = _numpy(ts.cast(pa.int64()), 0)[picked]
     per_second = _PER_SECOND[ts.type.unit]
-    if ts_max is not None:
-        usable &= raw <= ts_max * per_second // 1_000_000
+    if ts_max is not None:  # Spark compares microseconds (a ns timestamp floored to us)
+        if per_second >= 1_000_000:
+            usable &= raw // (per_second // 1_000_000) <= ts_max
+        else:
+            usable &= raw <= ts_max // (1_000_000 // per_second)
     if not usable.all():
         picked, y, raw = picked[usable], y[usable], raw[usable]
     interval = np.array([intervals.get(m, 0) for m in metric_names], np.int64)[mi[picked]]
@@ -284,10 +301,13 @@ def _fit_rows(rows: _TaskRows, spec: ar_spark.FitSpec) -> pa.Table:
     rows.parts.clear()
     n_metrics = len(rows.metrics.ids)
     code = sensor.astype(np.int64) * n_metrics + metric
-    present = np.bincount(code, minlength=len(rows.sensors.ids) * n_metrics) > 0
-    series_of_code = np.cumsum(present) - 1
-    row_series = series_of_code[code]
-    n_series = int(present.sum())
+    if len(rows.sensors.ids) * n_metrics <= 4 * len(code) + 1024:  # a dense table of codes is small
+        present = np.bincount(code, minlength=len(rows.sensors.ids) * n_metrics) > 0
+        row_series = (np.cumsum(present) - 1)[code]
+        n_series = int(present.sum())
+    else:
+        _, row_series = np.unique(code, return_inverse=True)
+        n_series = int(row_series.max()) + 1
     first, last, label_row = ar_spark.series_extent(row_series, n_series, step)
     spans = last - first + 1
     group_of_series = np.zeros(n_series, np.int64)
@@ -333,8 +353,11 @@ def _fit_rows(rows: _TaskRows, spec: ar_spark.FitSpec) -> pa.Table:
 def _file_batches(uri: str, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
     filesystem, path = pafs.FileSystem.from_uri(uri)
     with filesystem.open_input_file(path) as handle:
+        # INT96 (Spark's default timestamp encoding) read as microseconds, like Spark: as
+        # nanoseconds pyarrow would wrap dates outside 1677-2262 silently.
         parquet = pq.ParquetFile(handle, read_dictionary=[c for c in ("sensor_id", "metric", "region")
-                                                          if c in columns])
+                                                          if c in columns],
+                                 coerce_int96_timestamp_unit="us")
         present = [c for c in columns if c in parquet.schema_arrow.names]
         yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=present)
 
@@ -394,8 +417,9 @@ def fit_ar_table(
     if plan is None:
         log.info("AR: Spark reader (%s)", reason)
         df = spark.read.format("delta").load(path)
-        if ts_max is not None:
-            df = df.where(F.col("ts") <= F.lit(ts_max))
+        if ts_max is not None:  # a naive datetime means UTC, not the driver's local time
+            aware = ts_max if ts_max.tzinfo else ts_max.replace(tzinfo=dt.timezone.utc)
+            df = df.where(F.col("ts") <= F.lit(aware))
         if metrics:
             df = df.where(F.col("metric").isin(list(metrics)))
         return ar_spark.fit_ar(df, p, candidates, criterion, intervals=intervals, use_filled=use_filled,

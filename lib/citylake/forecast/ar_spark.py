@@ -228,8 +228,8 @@ def prepare_series(
     The value is ``value_clean`` (silver) or ``value`` (gold_features); rows with
     ``is_gap`` are null, and so are ``is_filled`` rows when ``use_filled`` is false.
     ``intervals`` = ``{metric: seconds}`` (default: the metric catalogue); rows of a
-    metric without an interval are dropped. Timestamps are expected after 1970 (the
-    step uses integer division).
+    metric without an interval, and rows without sensor_id or ts, are dropped.
+    Timestamps are expected after 1970 (the step uses integer division).
     """
     intervals = intervals or _catalogue_intervals()
     value_col = "value_clean" if "value_clean" in df.columns else "value"
@@ -249,7 +249,8 @@ def prepare_series(
             F.col("ts"),
             F.when(F.isnan(y), None).otherwise(y).alias(_Y),
         )
-        .where(F.col(_INTERVAL).isNotNull())
+        # rows without a series key or time cannot sit on a grid (silver has none)
+        .where(F.col(_INTERVAL).isNotNull() & F.col("sensor_id").isNotNull() & F.col("ts").isNotNull())
         .withColumn(_STEP, F.expr(f"unix_seconds(ts) div {_INTERVAL}"))
         .drop("ts")
     )
