@@ -6,7 +6,8 @@ In one process and one Spark session (local[2] by default, from conf/local.yaml)
 
 1. simulates ``--series`` stationary AR(12) series of ``--points`` 5-minute steps and
    writes them to a Delta table in long format (sensor_id, metric, ts, value_clean),
-   one series after the other (the layout a per-series writer produces);
+   one series after the other (the layout a per-series writer produces), or with
+   ``--layout date`` partitioned by ``reading_date`` like silver and gold;
 2. (a) citylake: ``fit_ar_table(p)`` (what ``citylake train`` runs: the direct reader of
    ``forecast/ar_direct.py``) from that Delta table to a coefficient Delta table;
    (a2) the same fit through Spark's reader (``fit_ar`` on the DataFrame: the path for

@@ -221,7 +221,6 @@ class _TaskRows:
     sensors: _Dictionary = field(default_factory=_Dictionary)
     metrics: _Dictionary = field(default_factory=_Dictionary)
     regions: _Dictionary = field(default_factory=_Dictionary)
-    intervals: dict[int, int] = field(default_factory=dict)  #: metric id -> grid seconds
     parts: list[tuple[np.ndarray, ...]] = field(default_factory=list)
 
 
@@ -267,7 +266,7 @@ def _read_batch(batch: pa.RecordBatch, rows: _TaskRows, plan: DirectPlan, share:
     y = _numpy(batch.column(plan.value_column).cast(pa.float64()), np.nan)[picked]
     usable = ~np.isnan(y)
     for flag, applies in (("is_gap", True), ("is_filled", not use_filled)):
-        if applies and flag in batch.schema.names:
+        if applies and flag in names:
             usable &= ~_numpy(batch.column(flag), False)[picked]
     raw = _numpy(ts.cast(pa.int64()), 0)[picked]
     per_second = _PER_SECOND[ts.type.unit]
@@ -279,8 +278,7 @@ def _read_batch(batch: pa.RecordBatch, rows: _TaskRows, plan: DirectPlan, share:
     if not usable.all():
         picked, y, raw = picked[usable], y[usable], raw[usable]
     interval = np.array([intervals.get(m, 0) for m in metric_names], np.int64)[mi[picked]]
-    rows.intervals.update({rows.metrics.ids[m]: intervals[m] for m in metric_names if m in intervals})
-    if "region" in batch.schema.names:
+    if "region" in names:
         region = _dictionary(batch.column("region"))
         region_ids, _ = rows.regions.lookup(region.dictionary)
         region_row = np.append(region_ids, -1)[np.where(_numpy(region.is_valid(), False)[picked],
@@ -291,7 +289,7 @@ def _read_batch(batch: pa.RecordBatch, rows: _TaskRows, plan: DirectPlan, share:
                        region_row.astype(np.int32), raw // per_second // interval, y))
 
 
-def _fit_rows(rows: _TaskRows, spec: ar_spark.FitSpec) -> pa.Table:
+def _fit_rows(rows: _TaskRows, spec: ar_spark.FitSpec, intervals: Mapping[str, int]) -> pa.Table:
     """Fit every series kept by one task; one row of ``FIT_SCHEMA`` per series."""
     if not rows.parts:
         empty = pa.array([], pa.string())
@@ -344,7 +342,7 @@ def _fit_rows(rows: _TaskRows, spec: ar_spark.FitSpec) -> pa.Table:
         "sensor_id": pa.array(sensor_names[sensor[label_row]], pa.string()),
         "metric": pa.array(metric_names[metric[label_row]], pa.string()),
         "region": pa.array(region_names[region[label_row]], pa.string()),
-        "interval_s": pa.array(np.array([rows.intervals.get(m, 0) for m in range(n_metrics)],
+        "interval_s": pa.array(np.array([intervals.get(m, 0) for m in rows.metrics.names()],
                                         np.int64)[metric[label_row]], pa.int64()),
     }
     return ar_spark.fit_table(labels, fit, base)
@@ -373,15 +371,14 @@ def fit_share(plan: DirectPlan, share: int, spec: ar_spark.FitSpec, intervals: M
     for uri in plan.files:
         for batch in _file_batches(uri, plan.columns):
             _read_batch(batch, rows, plan, share, intervals, use_filled, ts_max, wanted)
-    return _fit_rows(rows, spec)
+    return _fit_rows(rows, spec, intervals)
 
 
 # -- public Spark API ---------------------------------------------------------------------
 
 
 def _epoch_us(ts: dt.datetime) -> int:
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=dt.timezone.utc)
+    """Microseconds since 1970 of an aware datetime."""
     delta = ts - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
@@ -413,13 +410,14 @@ def fit_ar_table(
     spec = ar_spark.fit_spec(p, candidates, criterion, max_steps)
     if reader not in ("auto", "spark"):
         raise ValueError(f"reader must be 'auto' or 'spark', got {reader!r}")
+    if ts_max is not None and ts_max.tzinfo is None:  # naive means UTC, not the driver's local time
+        ts_max = ts_max.replace(tzinfo=dt.timezone.utc)
     plan, reason = plan_direct(spark, path, tasks) if reader == "auto" else (None, "reader 'spark' configured")
     if plan is None:
         log.info("AR: Spark reader (%s)", reason)
         df = spark.read.format("delta").load(path)
-        if ts_max is not None:  # a naive datetime means UTC, not the driver's local time
-            aware = ts_max if ts_max.tzinfo else ts_max.replace(tzinfo=dt.timezone.utc)
-            df = df.where(F.col("ts") <= F.lit(aware))
+        if ts_max is not None:
+            df = df.where(F.col("ts") <= F.lit(ts_max))
         if metrics:
             df = df.where(F.col("metric").isin(list(metrics)))
         return ar_spark.fit_ar(df, p, candidates, criterion, intervals=intervals, use_filled=use_filled,
