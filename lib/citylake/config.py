@@ -58,6 +58,12 @@ class IngestConfig:
     #: Files modified less than this many seconds ago are left for the next run (they
     #: may still be being written). 0 for local use; set it on shared landing areas.
     min_file_age_s: float = 0.0
+    #: "auto": parse CSV with pyarrow and write the tables with delta-rs when the lake
+    #: allows it (stages/ingest_direct.py; bench/RESULTS.md); "spark": Spark for all of it.
+    reader: str = "auto"
+    #: Batches estimated above this much text (MB; gzip counted 6x) take the Spark path:
+    #: the direct path holds a batch's readings in the driver's memory.
+    direct_max_mb: int = 2048
 
 
 @dataclass

@@ -206,6 +206,73 @@ class Lake:
         )
         return sum(int(r["n"] or 0) for r in hist)
 
+    # -- local tables through the deltalake package (delta-rs) ---------------------------
+    def local_path(self, table: str) -> str | None:
+        """The table's folder on the local file system, or None when the lake is elsewhere
+        (``s3a://``, ``hdfs://``...), where only Spark reads and writes it."""
+        return local_file_path(self.path(table))
+
+    def arrow_schema(self, table: str):
+        """The table's schema as Delta stores it, as a ``pyarrow.Schema`` (local lakes)."""
+        from deltalake import DeltaTable as RsTable
+
+        self.ensure(table)
+        return pa_schema(RsTable(self._local(table)).schema().to_arrow())
+
+    def read_arrow(self, table: str, columns: list[str] | None = None, filter=None,
+                   version: int | None = None):
+        """A table (or one ``version`` of it) as a ``pyarrow.Table``, without Spark.
+
+        ``filter`` is a ``pyarrow.dataset`` expression; on partition columns it prunes
+        whole folders. Local lakes only (:meth:`local_path`).
+        """
+        from deltalake import DeltaTable as RsTable
+
+        self.ensure(table)
+        delta = RsTable(self._local(table), version=version)
+        return delta.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+
+    def txn_version(self, table: str, app_id: str) -> int | None:
+        """The newest ``txnVersion`` committed for ``app_id`` (None if none), as Spark's
+        idempotent writes and :meth:`append_arrow` record it."""
+        from deltalake import DeltaTable as RsTable
+
+        self.ensure(table)
+        return RsTable(self._local(table)).transaction_version(app_id)
+
+    def append_arrow(self, table: str, data, txn: tuple[str, int] | None = None,
+                     user_metadata: str | None = None) -> bool:
+        """Append a ``pyarrow.Table`` with delta-rs: the same commit as :meth:`append`
+        (``txn`` and ``userMetadata`` included, which Spark honours), without a Spark job.
+
+        Returns False when ``txn`` shows the append already committed (nothing written).
+        Local lakes only; ``data`` is cast to the table's schema (a missing column raises).
+        """
+        from deltalake import CommitProperties, Transaction, write_deltalake
+
+        self.ensure(table)
+        if txn is not None:
+            done = self.txn_version(table, txn[0])
+            if done is not None and done >= txn[1]:
+                return False
+        schema = self.arrow_schema(table)
+        missing = [n for n in schema.names if n not in data.column_names]
+        if missing:
+            raise ValueError(f"{table}: Arrow table lacks column(s) {missing}")
+        props = CommitProperties(
+            custom_metadata={"userMetadata": user_metadata} if user_metadata is not None else None,
+            app_transactions=[Transaction(txn[0], txn[1])] if txn is not None else None,
+        )
+        write_deltalake(self._local(table), data.select(schema.names).cast(schema), mode="append",
+                        commit_properties=props)
+        return True
+
+    def _local(self, table: str) -> str:
+        path = self.local_path(table)
+        if path is None:
+            raise ValueError(f"{table} is not on the local file system: {self.path(table)}")
+        return path
+
     # -- scratch space -------------------------------------------------------------------
     def staging(self, *parts: str) -> str:
         """A scratch folder under ``<lake>/_staging`` for a job's intermediate files.
@@ -317,6 +384,23 @@ class Lake:
             return {p: first_line(p) for p in file_paths}
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return dict(zip(file_paths, pool.map(first_line, file_paths)))
+
+
+def local_file_path(path: str) -> str | None:
+    """``path`` as an OS path when it is on the local file system (a plain path or a
+    ``file:`` path as Hadoop prints it, unescaped: ``file:/x`` or ``file:///x``), else None."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    if path.startswith("file:"):
+        return path[len("file:"):]
+    return None if "://" in path else path
+
+
+def pa_schema(schema):
+    """A schema from delta-rs' ``to_arrow()`` (an Arrow C stream object) as ``pyarrow``'s."""
+    import pyarrow as pa
+
+    return schema if isinstance(schema, pa.Schema) else pa.schema(schema)
 
 
 def in_list(column: str, values: Iterable) -> Column:

@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 
 from citylake.errors import CitylakeError
 from citylake.lake import Lake, RawFile, in_list
+from citylake.stages import ingest_direct
 from citylake.transforms import records as R
 from citylake.transforms.registry import invalid_registry_rows, registry_history, registry_rows
 
@@ -238,11 +239,18 @@ def plan_batches(lake: Lake, date: dt.date | None = None) -> list[BatchPlan]:
 
 
 def claim_files(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime,
-                registry_version: int | None = None) -> None:
-    """Record that ``batch_id`` owns ``files`` (idempotent per batch)."""
+                registry_version: int | None = None, direct: bool = False) -> None:
+    """Record that ``batch_id`` owns ``files`` (idempotent per batch); ``direct``: with
+    delta-rs instead of a Spark job."""
     rows = [(batch_id, f.path, f.size, f.mtime, now, registry_version) for f in files]
-    df = lake.spark.createDataFrame(rows, lake.spec("ingest_files").struct())
-    lake.append("ingest_files", df, txn=(f"{TXN_PREFIX}.files", batch_id))
+    _append_rows(lake, "ingest_files", rows, (f"{TXN_PREFIX}.files", batch_id), direct)
+
+
+def _append_rows(lake: Lake, table: str, rows: list[tuple], txn: tuple[str, int], direct: bool) -> None:
+    if direct:
+        ingest_direct.append_rows(lake, table, rows, txn)
+    else:
+        lake.append(table, lake.spark.createDataFrame(rows, lake.spec(table).struct()), txn=txn)
 
 
 # -- reading files --------------------------------------------------------------------------
@@ -321,19 +329,33 @@ def _text_lines(lake: Lake, paths: list[str], fmt: str) -> DataFrame:
         F.lit(fmt).alias("source_format"),
         F.col("value").alias("raw_record"),
     )
+    return _non_blank(lines)
+
+
+def _non_blank(lines: DataFrame) -> DataFrame:
     # Blank lines are not records (trailing newlines, editors); they are not counted.
     return lines.where(F.trim("raw_record") != "")
 
 
-def _records(lake: Lake, groups: _FileGroups) -> DataFrame | None:
-    """All records of the readable files, in the common record shape."""
+def _csv_part(lines: DataFrame, header: tuple[str, ...], header_lines: set[str], required: list[str]) -> DataFrame:
+    # The header is the first line of each file; a line equal to it is not a record.
+    lines = lines.where(~F.col("raw_record").isin(sorted(header_lines)))
+    return R.csv_records(lines, list(header), required)
+
+
+def _records(lake: Lake, groups: _FileGroups,
+             csv_lines: dict[tuple[str, ...], DataFrame] | None = None) -> DataFrame | None:
+    """All records of the readable files, in the common record shape.
+
+    ``csv_lines``: lines of CSV files already read (``source_file, source_format,
+    raw_record``; the direct reader's left-overs) per header, beside ``groups.csv``.
+    """
     parts: list[DataFrame] = []
     required = lake.catalogue.required_fields
     for header, paths in groups.csv.items():
-        lines = _text_lines(lake, paths, "csv")
-        # The header is the first line of each file; a line equal to it is not a record.
-        lines = lines.where(~F.col("raw_record").isin(sorted(groups.csv_header_lines[header])))
-        parts.append(R.csv_records(lines, list(header), required))
+        parts.append(_csv_part(_text_lines(lake, paths, "csv"), header, groups.csv_header_lines[header], required))
+    for header, lines in (csv_lines or {}).items():
+        parts.append(_csv_part(_non_blank(lines), header, groups.csv_header_lines[header], required))
     if groups.json:
         parts.append(R.json_records(_text_lines(lake, groups.json, "json"), required))
     for paths in groups.parquet.values():
@@ -374,6 +396,14 @@ def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
     return found
 
 
+def _known_sensors(lake: Lake, registry_version: int | None) -> DataFrame:
+    """Sensor ids of the registry (at ``registry_version`` when one is pinned)."""
+    known = lake.read("sensors")
+    if registry_version is not None and registry_version >= 0:
+        known = lake.spark.read.format("delta").option("versionAsOf", registry_version).load(lake.path("sensors"))
+    return known.select("sensor_id")
+
+
 def _stage_typed(lake: Lake, groups: _FileGroups, now: dt.datetime, registry_version: int | None,
                  out: str) -> tuple[DataFrame | None, dict]:
     """Parse and check every record once, writing them to the Parquet folder ``out``.
@@ -383,10 +413,7 @@ def _stage_typed(lake: Lake, groups: _FileGroups, now: dt.datetime, registry_ver
     gathered by ``observe`` while the staging file is written, so the batch's records
     are parsed exactly once (a cached DataFrame cost more than this write and re-read).
     """
-    known = lake.read("sensors")
-    if registry_version is not None and registry_version >= 0:
-        known = lake.spark.read.format("delta").option("versionAsOf", registry_version).load(lake.path("sensors"))
-    known = known.select("sensor_id")
+    known = _known_sensors(lake, registry_version)
     reasons = lake.catalogue.record_reasons
     reason = F.col("quarantine_reason")
     for attempt in (1, 2):
@@ -448,16 +475,34 @@ def _append_bronze(lake: Lake, typed: DataFrame, batch_id: int, dates: list[dt.d
     return {k: int(v or 0) for k, v in counts.items()}
 
 
+def direct_reason(lake: Lake, files: list[RawFile] | None = None) -> str | None:
+    """Why a batch of ``files`` cannot take the direct path (None: it can); see
+    :mod:`citylake.stages.ingest_direct`. Without ``files``, only the lake is checked."""
+    reason = ingest_direct.unsupported_reason(lake)
+    return reason or (ingest_direct.too_large_reason(lake, files) if files is not None else None)
+
+
 def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.datetime | None = None,
-                 registry_version: int | None = None) -> BatchReport:
+                 registry_version: int | None = None, direct: bool | None = None) -> BatchReport:
     """Ingest one claimed batch of files; safe to call again for the same batch.
 
     ``registry_version`` pins the sensors table version records are checked against.
-    Intermediate files live under ``<lake>/_staging/ingest/batch-<id>`` and are removed
-    when the batch is logged; a resumed batch rebuilds them.
+    ``direct``: parse CSV with pyarrow and write with delta-rs (``ingest_direct``), or
+    use Spark for all of it; default: direct whenever :func:`direct_reason` allows.
+    On the Spark path intermediate files live under ``<lake>/_staging/ingest/batch-<id>``
+    and are removed when the batch is logged; a resumed batch rebuilds them.
     """
-    started = time.monotonic()
     now = _aware(now) or utc_now()
+    if direct is None:
+        reason = direct_reason(lake, files)
+        if reason:
+            log.info("batch %d on the Spark path: %s", batch_id, reason)
+        direct = reason is None
+    if direct:
+        report = ingest_direct.ingest_batch(lake, batch_id, files, now, registry_version)
+        _log_batch(lake, report, now, direct=True)
+        return report
+    started = time.monotonic()
     groups = _classify(lake, files)
     scratch = lake.staging("ingest", f"batch-{batch_id}")
     typed, summary = _stage_typed(lake, groups, now, registry_version, f"{scratch}/typed")
@@ -478,11 +523,9 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
                 f"quarantined {quarantined} + duplicates {dup_in_batch + dup_of_lake}"
             )
     if groups.rejected:
-        rejected = lake.spark.createDataFrame(
-            [(batch_id, p, reason, detail, now) for p, (reason, detail) in sorted(groups.rejected.items())],
-            "batch_id long, file_path string, reject_reason string, reject_detail string, ingest_ts timestamp",
-        )
-        lake.append("ingest_rejected_files", rejected, txn=(f"{TXN_PREFIX}.rejected", batch_id))
+        _append_rows(lake, "ingest_rejected_files",
+                     [(batch_id, p, reason, detail, now) for p, (reason, detail) in sorted(groups.rejected.items())],
+                     (f"{TXN_PREFIX}.rejected", batch_id), direct=False)
     report = BatchReport(
         batch_id=batch_id,
         files=len(files),
@@ -502,14 +545,13 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
     return report
 
 
-def _log_batch(lake: Lake, report: BatchReport, started: dt.datetime) -> None:
+def _log_batch(lake: Lake, report: BatchReport, started: dt.datetime, direct: bool = False) -> None:
     row = (
         report.batch_id, started, utc_now(), report.files, report.rejected_files, report.raw_rows,
         report.accepted, report.quarantined, report.duplicates, report.duplicates_in_batch,
         report.duplicates_of_lake, report.reading_dates,
     )
-    df = lake.spark.createDataFrame([row], lake.spec("ingest_log").struct())
-    lake.append("ingest_log", df, txn=(f"{TXN_PREFIX}.log", report.batch_id))
+    _append_rows(lake, "ingest_log", [row], (f"{TXN_PREFIX}.log", report.batch_id), direct)
 
 
 def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None = None) -> IngestReport:
@@ -522,6 +564,8 @@ def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None 
     plans = plan_batches(lake, date)
     if not plans:
         log.info("nothing to ingest: every landed file is already in a batch")
+    # Checked once per run: claims are written by delta-rs too when the lake allows it.
+    lake_reason = direct_reason(lake) if plans else None
     reports = []
     for plan in plans:
         batch_id, files = plan.batch_id, plan.files
@@ -529,9 +573,12 @@ def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None 
             batch_now, registry_version = plan.planned_ts, plan.registry_version
         else:
             batch_now, registry_version = _aware(now) or utc_now(), lake.version("sensors")
-            claim_files(lake, batch_id, files, batch_now, registry_version)
+            claim_files(lake, batch_id, files, batch_now, registry_version, direct=lake_reason is None)
         log.info("%s batch %d: %d file(s)", "resuming" if plan.resumed else "ingesting", batch_id, len(files))
-        report = ingest_batch(lake, batch_id, files, batch_now, registry_version)
+        reason = lake_reason or ingest_direct.too_large_reason(lake, files)
+        if reason:
+            log.info("batch %d on the Spark path: %s", batch_id, reason)
+        report = ingest_batch(lake, batch_id, files, batch_now, registry_version, direct=reason is None)
         log.info(
             "batch %d: raw %d = accepted %d + quarantined %d + duplicates %d; %d file(s) rejected (%.1fs)",
             batch_id, report.raw_rows, report.accepted, report.quarantined, report.duplicates,
