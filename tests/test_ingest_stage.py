@@ -16,6 +16,14 @@ from citylake.stages.ingest import IngestError, claim_files, plan_batches, run_i
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(params=["auto", "spark"])
+def config(request, tmp_path):
+    """Every test here runs on both ingest paths: direct (pyarrow + delta-rs) and Spark."""
+    from conftest import make_config
+
+    return make_config(tmp_path / "lake", ingest={"reader": request.param})
+
 NOW = dt.datetime(2026, 1, 10, tzinfo=dt.timezone.utc)
 HEADER = "sensor_id,ts,metric,value\n"
 

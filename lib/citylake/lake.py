@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class RawFile:
     path: str
     size: int
     mtime: dt.datetime
+
+
+#: Paths made only of these characters are their own URI (Hadoop's ``Path.toUri``).
+_URI_SAFE = re.compile(r"^[A-Za-z0-9/._~:@&=+$,;!*'()-]*$")
 
 
 def _path_of_uri(uri: str) -> str:
@@ -164,6 +169,12 @@ class Lake:
         """The ``userMetadata`` of the table's newest commit (None if none or no table)."""
         if not self.exists(table):
             return None
+        if self.local_path(table) is not None:
+            from deltalake import DeltaTable as RsTable
+
+            # The log read directly: a Spark history query costs a job (~0.1 s).
+            newest = RsTable(self._local(table)).history(1)
+            return newest[0].get("userMetadata") if newest else None
         row = DeltaTable.forPath(self.spark, self.path(table)).history(1).select("userMetadata").first()
         return row[0] if row else None
 
@@ -191,6 +202,10 @@ class Lake:
         """Latest committed version of the table (-1 when it does not exist)."""
         if not self.exists(table):
             return -1
+        if self.local_path(table) is not None:
+            from deltalake import DeltaTable as RsTable
+
+            return int(RsTable(self._local(table)).version())
         return int(
             DeltaTable.forPath(self.spark, self.path(table)).history(1).select("version").first()[0]
         )
@@ -266,6 +281,17 @@ class Lake:
         write_deltalake(self._local(table), data.select(schema.names).cast(schema), mode="append",
                         commit_properties=props)
         return True
+
+    def overwrite_arrow(self, table: str, data, user_metadata: str | None = None) -> None:
+        """Replace the whole table with a ``pyarrow.Table`` in one delta-rs commit (the
+        same commit as :meth:`overwrite`, without a Spark job). Local lakes only."""
+        from deltalake import CommitProperties, write_deltalake
+
+        self.ensure(table)
+        schema = self.arrow_schema(table)
+        props = CommitProperties(custom_metadata={"userMetadata": user_metadata} if user_metadata is not None else None)
+        write_deltalake(self._local(table), data.select(schema.names).cast(schema), mode="overwrite",
+                        commit_properties=props)
 
     def _local(self, table: str) -> str:
         path = self.local_path(table)
@@ -353,6 +379,13 @@ class Lake:
         finally:
             stream.close()
         return head == b"PAR1" and tail == b"PAR1"
+
+    def file_uri(self, file_path: str) -> str:
+        """A listed path as Spark names it in ``_metadata.file_path`` (and so in the
+        lineage columns): its URI, with spaces, ``%``, ``#``, ``?``, brackets... escaped."""
+        if _URI_SAFE.match(file_path):
+            return file_path
+        return str(self.spark.sparkContext._jvm.org.apache.hadoop.fs.Path(file_path).toUri().toString())
 
     def read_first_lines(self, file_paths: list[str], threads: int = 8) -> dict[str, str | None | Exception]:
         """First line of each text file (decompressing by suffix; None for an empty file).

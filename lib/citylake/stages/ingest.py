@@ -26,6 +26,8 @@ import time
 from functools import reduce
 from dataclasses import dataclass, field
 
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
@@ -104,13 +106,16 @@ def _effective_ts(f: RawFile) -> dt.datetime:
     return f.mtime
 
 
-def sync_registry(lake: Lake) -> tuple[int, bool]:
+def sync_registry(lake: Lake, direct: bool | None = None) -> tuple[int, bool]:
     """Rebuild the sensors history from every registry file; write it only if it changed.
 
     Returns (current sensors, changed). Raises :class:`IngestError` naming the file and
     sensors when a registry file breaks its contract (registries are curated by people:
-    a clear stop beats guessing).
+    a clear stop beats guessing). ``direct``: write and count with delta-rs rather than
+    Spark jobs (default: when the lake allows it, see :func:`direct_reason`).
     """
+    if direct is None:
+        direct = direct_reason(lake) is None
     spark = lake.spark
     required = [f["name"] for f in lake.catalogue.sensor_registry["required_fields"]]
     files = [f for f in lake.list_files(lake.raw_sensors)]
@@ -123,6 +128,8 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
     fingerprint = "registry-files:" + hashlib.sha256(
         "\n".join(f"{f.path}|{f.size}|{f.mtime.isoformat()}" for f in files).encode()).hexdigest()
     if lake.last_commit_metadata("sensors") == fingerprint:
+        if direct:
+            return int(pc.sum(lake.read_arrow("sensors", ["is_current"]).column("is_current")).as_py() or 0), False
         return lake.read("sensors").where("is_current").count(), False
     parts = []
     for f in files:
@@ -159,10 +166,16 @@ def sync_registry(lake: Lake) -> tuple[int, bool]:
         changed = (history.count() != current.count()
                    or history.select(cols).exceptAll(current.select(cols)).limit(1).count() > 0)
     # The fingerprint is stored with every write, so unchanged files skip all of this next time.
-    lake.overwrite("sensors", history, user_metadata=fingerprint)
+    if direct:
+        # A registry is small: collected, it is written without a Spark write job (~1 s).
+        collected = lake.conform("sensors", history).toArrow()
+        lake.overwrite_arrow("sensors", collected, user_metadata=fingerprint)
+        n_current = int(pc.sum(collected.column("is_current")).as_py() or 0)
+    else:
+        lake.overwrite("sensors", history, user_metadata=fingerprint)
+        n_current = history.where("is_current").count()
     if changed:
         log.info("sensor registry updated from %d file(s)", len(files))
-    n_current = history.where("is_current").count()
     history.unpersist()
     rows.unpersist()
     return n_current, changed
@@ -180,32 +193,46 @@ class BatchPlan:
     registry_version: int | None = None
 
 
-def plan_batches(lake: Lake, date: dt.date | None = None) -> list[BatchPlan]:
+def plan_batches(lake: Lake, date: dt.date | None = None, direct: bool | None = None) -> list[BatchPlan]:
     """Batches to run: unfinished claimed batches first (resume), then one or more new ones.
 
     ``date`` limits *new* files to the landing folder ``date=YYYY-MM-DD``; without it
     every folder is scanned, which is what picks up late files for old dates.
     A resumed batch keeps its claim's ingest time and sensor-registry version, so its
     records are judged exactly as in the attempt that died (some tables may already hold
-    that attempt's rows).
+    that attempt's rows). ``direct``: read the ingest tables with delta-rs rather than
+    Spark jobs (default: when the lake allows it).
     """
+    if direct is None:
+        direct = direct_reason(lake) is None
     # Only what planning needs reaches the driver, in two small queries: the logged batch
     # ids (one row per batch), then the claims of unfinished batches plus the claims under
     # the folder being listed (ingest_files grows with every file ever landed; a daily
     # `--date` run should not collect all of it).
-    logged = sorted(r["batch_id"] for r in lake.read("ingest_log").select("batch_id").collect())
+    if direct:
+        logged = sorted(lake.read_arrow("ingest_log", ["batch_id"]).column("batch_id").to_pylist())
+    else:
+        logged = sorted(r["batch_id"] for r in lake.read("ingest_log").select("batch_id").collect())
     folder = lake.raw_readings + (f"/date={date.isoformat()}" if date else "")
     listed = lake.list_files(folder, lake.config.ingest.min_file_age_s)
-    unfinished_or_listed = ~in_list("batch_id", logged)
-    if listed:
-        in_folder = F.lit(True)
-        if date:
-            # Claimed paths are stored as listed (fully qualified): cut the folder out of one.
-            marker = f"/date={date.isoformat()}/"
-            in_folder = F.col("file_path").startswith(listed[0].path[: listed[0].path.index(marker) + len(marker)])
-        unfinished_or_listed = unfinished_or_listed | in_folder
-    claimed = lake.read("ingest_files").where(unfinished_or_listed).select(
-        "batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version").collect()
+    prefix = None  # claims of every folder when listed without a date
+    if listed and date:
+        # Claimed paths are stored as listed (fully qualified): cut the folder out of one.
+        marker = f"/date={date.isoformat()}/"
+        prefix = listed[0].path[: listed[0].path.index(marker) + len(marker)]
+    columns = ["batch_id", "file_path", "file_size", "file_mtime", "planned_ts", "registry_version"]
+    if direct:
+        wanted = ~ds.field("batch_id").isin(logged) if logged else None
+        if listed:
+            in_folder = ds.scalar(True) if prefix is None else pc.starts_with(ds.field("file_path"), prefix)
+            wanted = in_folder if wanted is None else wanted | in_folder
+        claimed = lake.read_arrow("ingest_files", columns, filter=wanted).to_pylist()
+    else:
+        unfinished_or_listed = ~in_list("batch_id", logged)
+        if listed:
+            in_folder = F.lit(True) if prefix is None else F.col("file_path").startswith(prefix)
+            unfinished_or_listed = unfinished_or_listed | in_folder
+        claimed = lake.read("ingest_files").where(unfinished_or_listed).select(*columns).collect()
     done = set(logged)
     plans: list[BatchPlan] = []
     unfinished: dict[int, BatchPlan] = {}
@@ -560,12 +587,13 @@ def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None 
     ``date`` restricts new files to that landing folder. ``now`` (UTC) is the ingest time
     used for lineage and the future-timestamp bound; default: the wall clock.
     """
-    n_sensors, changed = sync_registry(lake)
-    plans = plan_batches(lake, date)
+    # Checked once per run: the direct path also reads and writes the registry, plans and
+    # claims with delta-rs when the lake allows it.
+    lake_reason = direct_reason(lake)
+    n_sensors, changed = sync_registry(lake, direct=lake_reason is None)
+    plans = plan_batches(lake, date, direct=lake_reason is None)
     if not plans:
         log.info("nothing to ingest: every landed file is already in a batch")
-    # Checked once per run: claims are written by delta-rs too when the lake allows it.
-    lake_reason = direct_reason(lake) if plans else None
     reports = []
     for plan in plans:
         batch_id, files = plan.batch_id, plan.files

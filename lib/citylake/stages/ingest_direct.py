@@ -144,7 +144,7 @@ class SourceFiles:
                 "source_format": pa.array(self.formats, pa.string()).take(file_index)}
 
 
-def accept_csv_group(paths: list[str], header: tuple[str, ...], header_lines: list[str], required: list[str],
+def accept_csv_group(lake: Lake, paths: list[str], header: tuple[str, ...], header_lines: list[str], required: list[str],
                      rules: A.AcceptRules, files: SourceFiles, threads: int
                      ) -> tuple[list[pa.Table], pa.Table, list[str]]:
     """Read and pre-filter the CSV files of one header shape, ``threads`` files at a time.
@@ -154,7 +154,7 @@ def accept_csv_group(paths: list[str], header: tuple[str, ...], header_lines: li
     reads instead: corrupt gzip, invalid UTF-8... so they are judged, or rejected,
     exactly as on the Spark path).
     """
-    indexes = [files.add(path, "csv") for path in paths]
+    indexes = [files.add(lake.file_uri(path), "csv") for path in paths]
 
     def one_file(i: int):
         try:
@@ -205,7 +205,7 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
     spark_groups = I._FileGroups(json=groups.json, parquet=groups.parquet, rejected=groups.rejected,
                                  csv_header_lines=groups.csv_header_lines)
     for header, paths in groups.csv.items():
-        accepted, rest, unread = accept_csv_group(paths, header, sorted(groups.csv_header_lines[header]),
+        accepted, rest, unread = accept_csv_group(lake, paths, header, sorted(groups.csv_header_lines[header]),
                                                   required, rules, sources, threads)
         if unread:
             spark_groups.csv[header] = unread

@@ -138,9 +138,12 @@ def _extra_json(header: Sequence[str], rows: pa.Table, extras: list[int]) -> tup
     for i in extras:
         value = rows.column(f"c{i}").combine_chunks()
         safe &= _mask(pc.match_substring_regex(value, JSON_SAFE))
-        value = pc.if_else(pc.equal(value, ""), pa.scalar(None, pa.string()), value)
-        pieces.append(pc.binary_join_element_wise(f'"{header[i]}":"', value, '"', ""))
-    joined = pc.binary_join_element_wise(*pieces, ",", null_handling="skip")
+        # '"name":"value",' or nothing for an empty field; the last comma is cut below
+        # (a field holds no comma here: the line was split on every one).
+        piece = pc.binary_join_element_wise(f'"{header[i]}":"', value, '",', "")
+        pieces.append(pc.if_else(pc.equal(value, ""), pa.scalar(""), piece))
+    joined = pieces[0] if len(pieces) == 1 else pc.binary_join_element_wise(*pieces, "")
+    joined = pc.utf8_rtrim(joined, characters=",")
     present = pc.not_equal(joined, "")
     return pc.if_else(present, pc.binary_join_element_wise("{", joined, "}", ""),
                       pa.scalar(None, pa.string())), safe
