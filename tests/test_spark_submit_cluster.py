@@ -94,6 +94,9 @@ def test_jobs_on_standalone_cluster(tmp_path):
         CITYLAKE__SPARK__PACKAGES="[]",
         CITYLAKE__SPARK__SHUFFLE_PARTITIONS="2",
         CITYLAKE__INGEST__MIN_FILE_AGE_S="0",
+        # A cluster's lake is on an object store or HDFS, where ingest takes the Spark
+        # path; this local lake would pick the direct path, which runs in the driver.
+        CITYLAKE__INGEST__READER="spark",
         CITYLAKE__FORECAST__GBT_TREES="30",
         CITYLAKE__MLFLOW__TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db",
         CITYLAKE__MLFLOW__ARTIFACT_ROOT=str(tmp_path / "mlartifacts"),

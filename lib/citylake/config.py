@@ -61,9 +61,9 @@ class IngestConfig:
     #: "auto": parse CSV with pyarrow and write the tables with delta-rs when the lake
     #: allows it (stages/ingest_direct.py; bench/RESULTS.md); "spark": Spark for all of it.
     reader: str = "auto"
-    #: Batches estimated above this much text (MB; gzip counted 6x) take the Spark path:
+    #: Batches estimated above this much data (MB; gzip and Parquet counted 8x) take the Spark path:
     #: the direct path holds a batch's readings in the driver's memory.
-    direct_max_mb: int = 2048
+    direct_max_mb: int = 1024
 
 
 @dataclass

@@ -169,11 +169,8 @@ class Lake:
         """The ``userMetadata`` of the table's newest commit (None if none or no table)."""
         if not self.exists(table):
             return None
-        if self.local_path(table) is not None:
-            from deltalake import DeltaTable as RsTable
-
-            # The log read directly: a Spark history query costs a job (~0.1 s).
-            newest = RsTable(self._local(table)).history(1)
+        newest = self._rs_call(table, lambda t: t.history(1))
+        if newest is not None:  # the log read directly: a Spark history query costs a job
             return newest[0].get("userMetadata") if newest else None
         row = DeltaTable.forPath(self.spark, self.path(table)).history(1).select("userMetadata").first()
         return row[0] if row else None
@@ -202,10 +199,9 @@ class Lake:
         """Latest committed version of the table (-1 when it does not exist)."""
         if not self.exists(table):
             return -1
-        if self.local_path(table) is not None:
-            from deltalake import DeltaTable as RsTable
-
-            return int(RsTable(self._local(table)).version())
+        version = self._rs_call(table, lambda t: t.version())
+        if version is not None:
+            return int(version)
         return int(
             DeltaTable.forPath(self.spark, self.path(table)).history(1).select("version").first()[0]
         )
@@ -263,14 +259,18 @@ class Lake:
         Returns False when ``txn`` shows the append already committed (nothing written).
         Local lakes only; ``data`` is cast to the table's schema (a missing column raises).
         """
-        from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake import CommitProperties, DeltaTable as RsTable, Transaction, write_deltalake
 
         self.ensure(table)
+        # One snapshot for the txn check and the write: delta-rs refuses the commit when
+        # another writer committed since (two runs resuming the same batch at once), where
+        # a fresh snapshot at write time would let both append.
+        snapshot = RsTable(self._local(table))
         if txn is not None:
-            done = self.txn_version(table, txn[0])
+            done = snapshot.transaction_version(txn[0])
             if done is not None and done >= txn[1]:
                 return False
-        schema = self.arrow_schema(table)
+        schema = pa_schema(snapshot.schema().to_arrow())
         missing = [n for n in schema.names if n not in data.column_names]
         if missing:
             raise ValueError(f"{table}: Arrow table lacks column(s) {missing}")
@@ -278,8 +278,7 @@ class Lake:
             custom_metadata={"userMetadata": user_metadata} if user_metadata is not None else None,
             app_transactions=[Transaction(txn[0], txn[1])] if txn is not None else None,
         )
-        write_deltalake(self._local(table), data.select(schema.names).cast(schema), mode="append",
-                        commit_properties=props)
+        write_deltalake(snapshot, data.select(schema.names).cast(schema), mode="append", commit_properties=props)
         return True
 
     def overwrite_arrow(self, table: str, data, user_metadata: str | None = None) -> None:
@@ -292,6 +291,20 @@ class Lake:
         props = CommitProperties(custom_metadata={"userMetadata": user_metadata} if user_metadata is not None else None)
         write_deltalake(self._local(table), data.select(schema.names).cast(schema), mode="overwrite",
                         commit_properties=props)
+
+    def _rs_call(self, table: str, call):
+        """``call(deltalake.DeltaTable)`` for a local table; None when the table is not
+        local or delta-rs cannot open it (a protocol it lacks): the caller asks Spark."""
+        path = self.local_path(table)
+        if path is None:
+            return None
+        from deltalake import DeltaTable as RsTable
+
+        try:
+            return call(RsTable(path))
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to Spark
+            log.debug("delta-rs cannot read %s (%s); asking Spark", table, exc)
+            return None
 
     def _local(self, table: str) -> str:
         path = self.local_path(table)
@@ -423,7 +436,8 @@ def local_file_path(path: str) -> str | None:
     """``path`` as an OS path when it is on the local file system (a plain path or a
     ``file:`` path as Hadoop prints it, unescaped: ``file:/x`` or ``file:///x``), else None."""
     if path.startswith("file://"):
-        return path[len("file://"):]
+        # file:///x is local; file://host/x names another machine.
+        return path[len("file://"):] if path.startswith("file:///") else None
     if path.startswith("file:"):
         return path[len("file:"):]
     return None if "://" in path else path

@@ -82,6 +82,12 @@ class IngestReport:
         return {k: sum(getattr(b, k) for b in self.batches) for k in keys}
 
 
+def landed(lake: Lake):
+    """Spark's reader for landed files: a path is a file name, never a glob pattern
+    (``a[1].csv`` would otherwise match nothing, ``a?.csv`` other files too)."""
+    return lake.spark.read.option("__globPaths__", "false")
+
+
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -135,7 +141,7 @@ def sync_registry(lake: Lake, direct: bool | None = None) -> tuple[int, bool]:
     for f in files:
         if not f.path.lower().endswith((".csv", ".csv.gz")):
             raise IngestError(f"sensor registry file {f.path} is not CSV (.csv/.csv.gz)")
-        raw = spark.read.option("header", True).option("inferSchema", False).csv(f.path)
+        raw = landed(lake).option("header", True).option("inferSchema", False).csv(f.path)
         missing = [c for c in required if c not in raw.columns]
         if missing:
             raise IngestError(f"sensor registry file {f.path} lacks column(s) {missing}")
@@ -316,7 +322,7 @@ def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
                 if not lake.has_parquet_magic(f.path):
                     groups.rejected[f.path] = ("unreadable_file", "not a Parquet file (no PAR1 magic at both ends)")
                     continue
-                schema = lake.spark.read.parquet(f.path).schema
+                schema = landed(lake).parquet(f.path).schema
             except Exception as exc:  # noqa: BLE001 - any read failure means "not Parquet"
                 groups.rejected[f.path] = ("unreadable_file", _short(exc))
                 continue
@@ -339,19 +345,23 @@ def _classify(lake: Lake, files: list[RawFile]) -> _FileGroups:
             else:
                 header = tuple(h.strip() for h in next(csv.reader([first.lstrip("\ufeff")])))
                 missing = [c for c in required if c not in header]
-                repeated = sorted({h for h in header if header.count(h) > 1})
+                # Spark resolves column names case-insensitively: `value,Value` is a repeat.
+                folded = [h.lower() for h in header]
+                repeated = sorted({h for h in header if folded.count(h.lower()) > 1})
                 if "" in header or repeated:
                     groups.rejected[f.path] = ("bad_header", f"empty or repeated column names {repeated}")
                 elif missing:
                     groups.rejected[f.path] = ("missing_required_columns", f"header lacks {missing}")
                 else:
                     groups.csv.setdefault(header, []).append(f.path)
-                    groups.csv_header_lines.setdefault(header, set()).add(first)
+                    # Spark's text reader drops a byte-order mark from a file's first line;
+                    # the header line is a header with or without one.
+                    groups.csv_header_lines.setdefault(header, set()).update({first, first.lstrip("\ufeff")})
     return groups
 
 
 def _text_lines(lake: Lake, paths: list[str], fmt: str) -> DataFrame:
-    lines = lake.spark.read.text(paths).select(
+    lines = landed(lake).text(paths).select(
         F.col("_metadata.file_path").alias("source_file"),
         F.lit(fmt).alias("source_format"),
         F.col("value").alias("raw_record"),
@@ -386,7 +396,7 @@ def _records(lake: Lake, groups: _FileGroups,
     if groups.json:
         parts.append(R.json_records(_text_lines(lake, groups.json, "json"), required))
     for paths in groups.parquet.values():
-        rows = lake.spark.read.parquet(*paths).withColumn("__file", F.col("_metadata.file_path"))
+        rows = landed(lake).parquet(*paths).withColumn("__file", F.col("_metadata.file_path"))
         parts.append(R.parquet_records(rows, "__file", required))
     if not parts:
         return None
@@ -406,7 +416,7 @@ def _isolate_unreadable(lake: Lake, groups: _FileGroups) -> int:
     found = 0
     for path in suspects:
         try:
-            reader = lake.spark.read.parquet if path.endswith(".parquet") else lake.spark.read.text
+            reader = landed(lake).parquet if path.endswith(".parquet") else landed(lake).text
             reader(path).count()
         except Exception as exc:  # noqa: BLE001 - the point is to catch the read failure
             groups.rejected[path] = ("unreadable_file", _short(exc))

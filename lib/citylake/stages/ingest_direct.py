@@ -21,7 +21,7 @@ How a batch runs:
 
 The direct path is taken for local lakes whose tables delta-rs can write (checked in
 :func:`unsupported_reason`), and for batches small enough for the driver's memory
-(``ingest.direct_max_mb``); anything else runs on the Spark path.
+(``ingest.direct_max_mb``: the peak is several times the text); anything else runs on the Spark path.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from citylake.transforms import records as R
 log = logging.getLogger(__name__)
 
 #: Tables the ingest writes; all must be writable by delta-rs for the direct path.
-TABLES = ("ingest_files", "quarantine", "bronze_readings", "ingest_rejected_files", "ingest_log")
-#: Gzip files count this many times their size towards ``direct_max_mb`` (text expands).
-GZIP_EXPANSION = 6
+TABLES = ("sensors", "ingest_files", "quarantine", "bronze_readings", "ingest_rejected_files", "ingest_log")
+#: Compressed files (gzip, Parquet) count this many times their size towards
+#: ``direct_max_mb``: what they hold is larger in memory than on disk.
+COMPRESSED_EXPANSION = 8
 ACCEPTED_SCHEMA = pa.schema([
     ("sensor_id", pa.string()), ("metric", pa.string()), ("ts", A.TS_TYPE), ("value", pa.float64()),
     ("reading_date", pa.date32()), ("extra_json", pa.string()), ("file_index", pa.int32()),
@@ -64,7 +65,8 @@ def unsupported_reason(lake: Lake) -> str | None:
     from deltalake import DeltaTable
 
     for table in TABLES:
-        lake.ensure(table)
+        if not lake.exists(table):
+            continue  # created by citylake when first needed, with a protocol delta-rs writes
         try:
             protocol = DeltaTable(lake.local_path(table)).protocol()
         except Exception as exc:  # noqa: BLE001 - any table delta-rs cannot open is Spark's
@@ -79,7 +81,7 @@ def unsupported_reason(lake: Lake) -> str | None:
 
 def too_large_reason(lake: Lake, files: list[RawFile]) -> str | None:
     """Why this batch is too large to hold in the driver's memory (None: it is not)."""
-    estimate = sum(f.size * (GZIP_EXPANSION if f.path.endswith(".gz") else 1) for f in files)
+    estimate = sum(f.size * (COMPRESSED_EXPANSION if f.path.endswith((".gz", ".parquet")) else 1) for f in files)
     limit = lake.config.ingest.direct_max_mb * 1024 * 1024
     if estimate > limit:
         return f"the batch holds ~{estimate / 2**20:.0f} MB of text (ingest.direct_max_mb: {limit / 2**20:.0f})"
@@ -140,8 +142,8 @@ class SourceFiles:
 
     def lineage(self, file_index: pa.Array) -> dict[str, pa.Array]:
         """``source_file`` and ``source_format`` of each row."""
-        return {"source_file": pa.array(self.paths, pa.string()).take(file_index),
-                "source_format": pa.array(self.formats, pa.string()).take(file_index)}
+        return {"source_file": A.take_chunked(pa.array(self.paths, pa.string()), file_index),
+                "source_format": A.take_chunked(pa.array(self.formats, pa.string()), file_index)}
 
 
 def accept_csv_group(lake: Lake, paths: list[str], header: tuple[str, ...], header_lines: list[str], required: list[str],
@@ -157,14 +159,15 @@ def accept_csv_group(lake: Lake, paths: list[str], header: tuple[str, ...], head
     indexes = [files.add(lake.file_uri(path), "csv") for path in paths]
 
     def one_file(i: int):
+        index = np.int32(indexes[i])
         try:
             rows, odd_lines = _read_csv_file(paths[i], len(header))
+            rows = rows.append_column("file_index", pa.array(np.full(rows.num_rows, index, np.int32)))
+            accepted, rest = A.accept_csv_rows(rows, header, header_lines, required, rules)
         except (pa.ArrowException, OSError, EOFError, ValueError) as exc:
+            # Unreadable here (corrupt gzip, invalid UTF-8) or a column past 2 GiB.
             log.debug("pyarrow cannot read %s (%s); Spark reads it", paths[i], exc)
             return None
-        index = np.int32(indexes[i])
-        rows = rows.append_column("file_index", pa.array(np.full(rows.num_rows, index, np.int32)))
-        accepted, rest = A.accept_csv_rows(rows, header, header_lines, required, rules)
         if odd_lines:
             rest = pa.concat_tables([rest, pa.table({
                 "file_index": pa.array(np.full(len(odd_lines), index, np.int32)),

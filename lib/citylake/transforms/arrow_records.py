@@ -226,6 +226,15 @@ def accept_csv_rows(rows: pa.Table, header: Sequence[str], header_lines: Sequenc
     return accepted, left
 
 
+def take_chunked(values: pa.Array, indices, rows_per_chunk: int = 1 << 20) -> pa.ChunkedArray:
+    """``values.take(indices)`` in chunks of ``rows_per_chunk``: one take of long strings
+    over millions of rows would pass 2 GiB of string data in one array (offsets overflow)."""
+    indices = indices.combine_chunks() if isinstance(indices, pa.ChunkedArray) else indices
+    return pa.chunked_array([values.take(indices.slice(i, rows_per_chunk))
+                             for i in range(0, len(indices), rows_per_chunk)] or [values.take(indices)],
+                            type=values.type)
+
+
 def _key_hash(table: pa.Table, sensors: pa.Array, metrics: pa.Array) -> np.ndarray:
     """A 64-bit hash of (sensor_id, metric, ts, value) per row; sensor and metric codes are
     positions in ``sensors`` / ``metrics`` (-1 when absent), so two tables hashed with
@@ -261,8 +270,8 @@ def collapse_exact_duplicates(accepted: pa.Table, source_files: pa.Array,
         return accepted, 0
     rows = np.flatnonzero(suspects)
     sub = accepted.take(pa.array(rows)).append_column("__row", pa.array(rows))
-    sub = sub.append_column("source_file", source_files.take(sub.column("file_index")))
-    sub = sub.append_column("source_format", source_formats.take(sub.column("file_index")))
+    sub = sub.append_column("source_file", take_chunked(source_files, sub.column("file_index")))
+    sub = sub.append_column("source_format", take_chunked(source_formats, sub.column("file_index")))
     sub = sub.sort_by([(c, "ascending", "at_start")
                        for c in READING_KEY + ["source_file", "source_format", "extra_json"]])
     # After the sort, a row starts its group unless its key equals the previous row's.
@@ -289,6 +298,8 @@ def in_lake(unique: pa.Table, existing: pa.Table) -> np.ndarray:
     rows = np.flatnonzero(candidates)
     sub = unique.select(READING_KEY).take(pa.array(rows)).append_column("__row", pa.array(rows))
     keys = existing.select(READING_KEY).group_by(READING_KEY).aggregate([])
+    # Spark's join normalises -0.0 to 0.0; the rows of ``unique`` are already normalised.
+    keys = keys.set_column(keys.schema.get_field_index("value"), "value", pc.add(keys.column("value"), 0.0))
     matched = sub.join(keys, keys=READING_KEY, join_type="left semi")
     found[np.asarray(matched.column("__row").combine_chunks().to_numpy())] = True
     return found
