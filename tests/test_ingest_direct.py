@@ -216,6 +216,7 @@ def test_tables_delta_rs_cannot_write_take_the_spark_path(tmp_path, spark):
     _land(root, "2026-01-05", "a.csv", "sensor_id,ts,metric,value\ns1,2026-01-05T00:00:00Z,traffic_flow,1\n")
     lake = Lake(spark, make_config(root), load_catalogue())
     assert direct_reason(lake) is None
+    lake.ensure("quarantine")
     spark.sql(f"ALTER TABLE delta.`{lake.path('quarantine')}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = true)")
     assert "quarantine has Delta protocol reader 3" in direct_reason(lake)
     report = run_ingest(lake, now=NOW)
@@ -292,3 +293,17 @@ def test_collapse_keeps_the_first_lineage_nulls_first_and_counts_copies():
     existing = pa.table({"sensor_id": ["s1", "s2"], "metric": ["pm25", "pm25"], "ts": ts[:2], "value": [2.0, 1.0]})
     found = A.in_lake(unique, existing)
     assert [(r["value"], f) for r, f in zip(unique.to_pylist(), found)] == [(1.0, False), (2.0, True)]
+
+
+def test_repeated_finds_every_repeated_hash_and_only_those():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(5)
+    for n, copies in ((0, 0), (1, 0), (5000, 0), (5000, 40), (5000, 2500)):
+        hashes = rng.integers(0, 2**63, n, dtype=np.int64).view(np.uint64)
+        if copies:
+            hashes[:copies] = hashes[n - copies:]
+        expected = pd.Series(hashes).duplicated(keep=False).to_numpy()
+        assert (A.repeated(hashes) == expected).all()
+        assert A.repeated(hashes).sum() == (2 * copies if copies <= n // 2 else expected.sum())

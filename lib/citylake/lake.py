@@ -278,7 +278,7 @@ class Lake:
             custom_metadata={"userMetadata": user_metadata} if user_metadata is not None else None,
             app_transactions=[Transaction(txn[0], txn[1])] if txn is not None else None,
         )
-        write_deltalake(snapshot, data.select(schema.names).cast(schema), mode="append", commit_properties=props)
+        write_deltalake(snapshot, _conformed(data, schema), mode="append", commit_properties=props)
         return True
 
     def overwrite_arrow(self, table: str, data, user_metadata: str | None = None) -> None:
@@ -289,8 +289,7 @@ class Lake:
         self.ensure(table)
         schema = self.arrow_schema(table)
         props = CommitProperties(custom_metadata={"userMetadata": user_metadata} if user_metadata is not None else None)
-        write_deltalake(self._local(table), data.select(schema.names).cast(schema), mode="overwrite",
-                        commit_properties=props)
+        write_deltalake(self._local(table), _conformed(data, schema), mode="overwrite", commit_properties=props)
 
     def _rs_call(self, table: str, call):
         """``call(deltalake.DeltaTable)`` for a local table; None when the table is not
@@ -448,6 +447,21 @@ def pa_schema(schema):
     import pyarrow as pa
 
     return schema if isinstance(schema, pa.Schema) else pa.schema(schema)
+
+
+def _conformed(data, schema):
+    """``data`` with the table's columns, in order, cast to their types. A dictionary-encoded
+    column of the right value type stays encoded: delta-rs writes it as plain strings, and
+    skips materialising millions of repeated lineage paths (~0.6 s per 6M rows)."""
+    import pyarrow as pa
+
+    fields = []
+    for field in schema:
+        given = data.schema.field(field.name).type
+        if pa.types.is_dictionary(given) and given.value_type == field.type:
+            field = field.with_type(given)
+        fields.append(field)
+    return data.select(schema.names).cast(pa.schema(fields))
 
 
 def in_list(column: str, values: Iterable) -> Column:

@@ -140,10 +140,14 @@ class SourceFiles:
             self.add(row["f"], row["s"])
         return pc.index_in(source_file, value_set=pa.array(self.paths, pa.string())).cast(pa.int32())
 
-    def lineage(self, file_index: pa.Array) -> dict[str, pa.Array]:
-        """``source_file`` and ``source_format`` of each row."""
-        return {"source_file": A.take_chunked(pa.array(self.paths, pa.string()), file_index),
-                "source_format": A.take_chunked(pa.array(self.formats, pa.string()), file_index)}
+    def lineage(self, file_index, encoded: bool = False) -> dict[str, pa.Array]:
+        """``source_file`` and ``source_format`` of each row; ``encoded``: as dictionary
+        arrays over the batch's files (no copy per row; for delta-rs, not for Spark)."""
+        columns = {"source_file": pa.array(self.paths, pa.string()), "source_format": pa.array(self.formats, pa.string())}
+        if encoded:
+            index = file_index.combine_chunks() if isinstance(file_index, pa.ChunkedArray) else file_index
+            return {name: pa.DictionaryArray.from_arrays(index, values) for name, values in columns.items()}
+        return {name: A.take_chunked(values, file_index) for name, values in columns.items()}
 
 
 def accept_csv_group(lake: Lake, paths: list[str], header: tuple[str, ...], header_lines: list[str], required: list[str],
@@ -243,7 +247,7 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
     found = A.in_lake(unique, existing) if existing is not None else np.zeros(unique.num_rows, bool)
     new_rows = unique.filter(pa.array(~found))
     bronze = new_rows.drop_columns(["file_index"])
-    for name, column in sources.lineage(new_rows.column("file_index")).items():
+    for name, column in sources.lineage(new_rows.column("file_index"), encoded=True).items():
         bronze = bronze.append_column(name, column)
     accepted, dup_of_lake = bronze.num_rows, int(found.sum())
     if raw_rows != accepted + quarantined + dup_in_batch + dup_of_lake:

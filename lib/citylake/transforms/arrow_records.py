@@ -253,6 +253,27 @@ def _key_hash(table: pa.Table, sensors: pa.Array, metrics: pa.Array) -> np.ndarr
         return h ^ (h >> np.uint64(29))
 
 
+def repeated(hashes: np.ndarray) -> np.ndarray:
+    """Which entries of ``hashes`` (uint64) occur more than once.
+
+    A plain sort answers "any at all?" first (numpy's SIMD sort: ~0.06 s for 6M, where a
+    hash table takes ~0.6 s); only when some repeat are they located, with one argsort.
+    """
+    n = len(hashes)
+    out = np.zeros(n, bool)
+    ordered = np.sort(hashes)
+    if n < 2 or not (ordered[1:] == ordered[:-1]).any():
+        return out
+    order = np.argsort(hashes)
+    ordered = hashes[order]
+    same = ordered[1:] == ordered[:-1]
+    marks = np.zeros(n, bool)
+    marks[1:] |= same
+    marks[:-1] |= same
+    out[order] = marks
+    return out
+
+
 def collapse_exact_duplicates(accepted: pa.Table, source_files: pa.Array,
                               source_formats: pa.Array) -> tuple[pa.Table, int]:
     """One row per (sensor_id, metric, ts, value), keeping the lineage (source_file,
@@ -265,7 +286,7 @@ def collapse_exact_duplicates(accepted: pa.Table, source_files: pa.Array,
     if accepted.num_rows == 0:
         return accepted, 0
     sensors, metrics = pc.unique(accepted.column("sensor_id")), pc.unique(accepted.column("metric"))
-    suspects = pd.Series(_key_hash(accepted, sensors, metrics)).duplicated(keep=False).to_numpy()
+    suspects = repeated(_key_hash(accepted, sensors, metrics))
     if not suspects.any():
         return accepted, 0
     rows = np.flatnonzero(suspects)
