@@ -156,6 +156,8 @@ def test_edge_lines_give_the_same_tables_on_both_paths(tmp_path, spark):
         [lambda lake, root: run_ingest(lake, now=NOW), late, lambda lake, root: run_ingest(lake, now=NOW)])
     assert direct_reason(direct_lake) is None and direct_reason(spark_lake) == "ingest.reader is spark"
     _same_reports(spark_runs, direct_runs)
+    assert [b.path for r in direct_runs for b in r.batches] == ["direct", "direct"]
+    assert [b.path for r in spark_runs for b in r.batches] == ["spark", "spark"]
     first, second, third = direct_runs
     batch = first.batches[0]
     assert batch.raw_rows == batch.accepted + batch.quarantined + batch.duplicates

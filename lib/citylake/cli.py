@@ -155,7 +155,7 @@ def _print_stage(name: str, report: Any) -> None:
         if not report.batches:
             _say(f"[{name}] nothing new to ingest ({report.sensors_current} sensors in registry)")
         for b in report.batches:
-            _say(f"[{name}] batch {b.batch_id}: {b.files} files ({b.rejected_files} rejected), "
+            _say(f"[{name}] batch {b.batch_id} ({b.path} path): {b.files} files ({b.rejected_files} rejected), "
                  f"raw {b.raw_rows} = accepted {b.accepted} + quarantined {b.quarantined} "
                  f"+ duplicates {b.duplicates}  [{b.seconds:.1f}s]")
             if b.quarantine_by_reason:

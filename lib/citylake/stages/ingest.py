@@ -13,6 +13,11 @@ How a run works (and why it is safe to re-run, or to run after a crash):
 
 For every batch: raw rows = accepted + quarantined + duplicates (exact duplicates in the
 batch, or of readings already in bronze). The stage checks it and fails loudly if not.
+
+Two paths run this contract: the direct path (:mod:`citylake.stages.ingest_direct`:
+pyarrow and delta-rs, for local lakes; the default) and the Spark path below (every step a
+Spark job; object stores, HDFS, tables delta-rs cannot write, very large batches, or
+``ingest.reader: spark``). Both write the same rows (``tests/test_ingest_direct.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class BatchReport:
     seconds: float
     quarantine_by_reason: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: Which ingest path ran the batch: "direct" (pyarrow + delta-rs) or "spark".
+    path: str = "spark"
 
     @property
     def duplicates(self) -> int:
@@ -618,8 +625,8 @@ def run_ingest(lake: Lake, date: dt.date | None = None, now: dt.datetime | None 
             log.info("batch %d on the Spark path: %s", batch_id, reason)
         report = ingest_batch(lake, batch_id, files, batch_now, registry_version, direct=reason is None)
         log.info(
-            "batch %d: raw %d = accepted %d + quarantined %d + duplicates %d; %d file(s) rejected (%.1fs)",
-            batch_id, report.raw_rows, report.accepted, report.quarantined, report.duplicates,
+            "batch %d (%s path): raw %d = accepted %d + quarantined %d + duplicates %d; %d file(s) rejected (%.1fs)",
+            batch_id, report.path, report.raw_rows, report.accepted, report.quarantined, report.duplicates,
             report.rejected_files, report.seconds,
         )
         reports.append(report)

@@ -274,7 +274,7 @@ def ingest_batch(lake: Lake, batch_id: int, files: list[RawFile], now: dt.dateti
         accepted=accepted, quarantined=quarantined, duplicates_in_batch=dup_in_batch,
         duplicates_of_lake=dup_of_lake, reading_dates=reading_dates, seconds=time.monotonic() - started,
         quarantine_by_reason=dict(sorted(by_reason.items())),
-        rejected={p: r for p, (r, _) in groups.rejected.items()},
+        rejected={p: r for p, (r, _) in groups.rejected.items()}, path="direct",
     )
 
 
